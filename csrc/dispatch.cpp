@@ -1,0 +1,49 @@
+// dispatch.cpp: picks the kernel from CPU features once per process.
+#include "dispatch.h"
+
+#include <cstdlib>
+#include <stdexcept>
+
+namespace luthier {
+
+std::vector<std::string> available_isas() {
+  std::vector<std::string> v{"generic"};
+#if defined(LUTHIER_X86)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) v.push_back("avx2");
+#endif
+#if defined(LUTHIER_ARM)
+  v.push_back("neon");  // aarch64 always has Advanced SIMD
+#endif
+  return v;
+}
+
+GemmKernel kernel_for(const std::string& isa) {
+  for (const auto& a : available_isas()) {
+    if (a != isa) continue;
+    if (isa == "generic") return lut_gemm_generic;
+#if defined(LUTHIER_X86)
+    if (isa == "avx2") return lut_gemm_avx2;
+#endif
+#if defined(LUTHIER_ARM)
+    if (isa == "neon") return lut_gemm_neon;
+#endif
+  }
+  std::string have;
+  for (const auto& a : available_isas()) have += (have.empty() ? "" : ", ") + a;
+  throw std::invalid_argument("ISA '" + isa + "' is not available on this CPU/build (available: " + have + ")");
+}
+
+const std::string& active_isa() {
+  static const std::string isa = [] {
+    const char* env = std::getenv("LUTHIER_ISA");
+    if (env && *env) {
+      kernel_for(env);  // throws with the list if unavailable
+      return std::string(env);
+    }
+    return available_isas().back();
+  }();
+  return isa;
+}
+
+}  // namespace luthier

@@ -1,0 +1,178 @@
+// lut_gemm_avx2.cpp: AVX2 kernel for the packed layout of lut_gemm.h (built with
+// -mavx2 -mfma -mf16c; only called when dispatch.cpp finds those features).
+//
+// Per tile of 32 rows and per token, for each weight group:
+//   1. Load 32 weight bytes (one plane vector of a kgroup pair) and split the nibbles:
+//      low = kgroup 2p's indices, high = kgroup 2p+1's.
+//   2. vpshufb each against its kgroup's 16-byte table (broadcast to both lanes).
+//   3. vpmaddubsw with per-byte plane weights (2^i, 2^(i+1)) combines two bit planes of a
+//      row and widens to int16 in one instruction (word w = row w of the half-tile).
+//   4. Sum int16 for as many kgroups as cannot overflow (kFlush), then widen to int32.
+//   5. At the group end: y += s * (0.5 * ts * L + (cb - z) * S) in float.
+// EXACT mode does 2-4 twice: low bytes (u8 operand) and high bytes (added << 8).
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "lut_gemm.h"
+
+namespace luthier {
+namespace {
+
+// kgroups an int16 accumulator can take without overflow:
+// FAST  |sum| <= 127 * (2^b - 1) per kgroup; EXACT low bytes <= 255 * (2^b - 1).
+template <int B, bool EXACT>
+constexpr int flush_pairs() {
+  constexpr int per = (EXACT ? 255 : 127) * ((1 << B) - 1);
+  constexpr int kg = 32767 / per;
+  // largest power of two <= kg, in pairs of kgroups
+  int p = 1;
+  while (p * 4 <= kg) p *= 2;
+  return p;
+}
+
+inline __m256i bcast_table(const uint8_t* p) {
+  return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Adds the plane-weighted lookups of one 32-byte vector into an int16 accumulator.
+// cw: per-byte weights; for FAST the lookups are the signed operand, for the EXACT low
+// bytes the lookups are unsigned and the weights signed (vpmaddubsw is u8 x s8).
+template <bool LOOKUP_UNSIGNED>
+inline __m256i madd(__m256i acc, __m256i cw, __m256i l0, __m256i l1) {
+  if (LOOKUP_UNSIGNED) {
+    acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(l0, cw));
+    return _mm256_add_epi16(acc, _mm256_maddubs_epi16(l1, cw));
+  }
+  acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(cw, l0));
+  return _mm256_add_epi16(acc, _mm256_maddubs_epi16(cw, l1));
+}
+
+inline __m256i pair_weights(int i) {  // bytes (2^i, 2^(i+1)) repeated
+  return _mm256_set1_epi16(int16_t((1 << i) | (2 << i) << 8));
+}
+
+template <int B, bool EXACT>
+void tile_token(const GemmArgs& a, int64_t t, int64_t mi) {
+  const PackedShape& ps = *a.ps;
+  const TableShape& tsh = *a.ts;
+  constexpr int kTb = EXACT ? 32 : 16;      // table bytes per kgroup
+  constexpr int kPairBytes = B * 32;        // weight bytes per kgroup pair of a tile
+  constexpr int kFlush = flush_pairs<B, EXACT>();
+  const int64_t pairs = ps.gsp / 8;
+  const float cb = 0.5f * float((1 << B) - 1);
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i cw01 = pair_weights(0), cw23 = pair_weights(2);
+  // last odd plane: (2^i, 0) -> rows 0-15, (0, 2^i) -> rows 16-31
+  const __m256i ce = _mm256_set1_epi16(int16_t(1 << (B - 1)));
+  const __m256i co = _mm256_set1_epi16(int16_t((1 << (B - 1)) << 8));
+
+  const uint8_t* tab = a.tables + size_t(mi) * tsh.bytes_per_token();
+  __m256 y[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                 _mm256_setzero_ps()};
+  for (int64_t g = 0; g < ps.groups; ++g) {
+    // weights walk: [tile t][group g][pair p][B * 32 bytes]
+    const uint8_t* wg = a.w + (size_t(t) * ps.groups + g) * pairs * kPairBytes;
+    const uint8_t* tg = tab + size_t(g) * (ps.gsp / kG) * kTb;
+    __m256i acc32[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(),
+                        _mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int64_t p0 = 0; p0 < pairs; p0 += kFlush) {
+      const int64_t p1 = p0 + kFlush < pairs ? p0 + kFlush : pairs;
+      __m256i A = _mm256_setzero_si256(), Bv = _mm256_setzero_si256();
+      __m256i Ah = _mm256_setzero_si256(), Bh = _mm256_setzero_si256();
+      for (int64_t p = p0; p < p1; ++p) {
+        const uint8_t* wp = wg + p * kPairBytes;
+        const uint8_t* tj = tg + size_t(2 * p) * kTb;  // kgroups 2p and 2p+1
+        const __m256i t0 = bcast_table(tj), t1 = bcast_table(tj + kTb);
+        __m256i h0, h1;
+        if (EXACT) h0 = bcast_table(tj + 16), h1 = bcast_table(tj + kTb + 16);
+        // step 1-3 for a plane vector into accumulator (acc, acch) with weights cw
+        auto plane_vec = [&](const uint8_t* src, __m256i cw, __m256i& acc, __m256i& acch) {
+          const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+          const __m256i lo = _mm256_and_si256(wv, m4);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m4);
+          if (EXACT) {
+            acc = madd<true>(acc, cw, _mm256_shuffle_epi8(t0, lo), _mm256_shuffle_epi8(t1, hi));
+            acch = madd<false>(acch, cw, _mm256_shuffle_epi8(h0, lo), _mm256_shuffle_epi8(h1, hi));
+          } else {
+            acc = madd<false>(acc, cw, _mm256_shuffle_epi8(t0, lo), _mm256_shuffle_epi8(t1, hi));
+          }
+        };
+        if (B >= 2) {
+          plane_vec(wp, cw01, A, Ah);
+          plane_vec(wp + 32, cw01, Bv, Bh);
+        }
+        if (B >= 4) {
+          plane_vec(wp + 64, cw23, A, Ah);
+          plane_vec(wp + 96, cw23, Bv, Bh);
+        }
+        if (B & 1) {  // last odd plane: one vector feeds both halves
+          const uint8_t* src = wp + (B - 1) / 2 * 64;
+          plane_vec(src, ce, A, Ah);
+          plane_vec(src, co, Bv, Bh);
+        }
+      }
+      // step 4: int16 -> int32, even and odd words (rows 2d and 2d+1 of each half)
+      auto widen = [&](__m256i v, int sh, __m256i* dst) {
+        __m256i e = _mm256_srai_epi32(_mm256_slli_epi32(v, 16), 16);
+        __m256i o = _mm256_srai_epi32(v, 16);
+        dst[0] = _mm256_add_epi32(dst[0], _mm256_slli_epi32(e, sh));
+        dst[1] = _mm256_add_epi32(dst[1], _mm256_slli_epi32(o, sh));
+      };
+      widen(A, 0, acc32);
+      widen(Bv, 0, acc32 + 2);
+      if (EXACT) {
+        widen(Ah, 8, acc32);
+        widen(Bh, 8, acc32 + 2);
+      }
+    }
+    // step 5: scale once per group; scales/zeros walk: [tile t][group g][slot v*8+d]
+    const size_t so = (size_t(t) * ps.groups + g) * kNR;
+    const float tsc = 0.5f * a.tscale[mi * ps.groups + g];
+    const float sx = a.xsum[mi * ps.groups + g];
+    const __m256 vts = _mm256_set1_ps(tsc), vsx = _mm256_set1_ps(sx);
+    const __m256 vcz = _mm256_set1_ps(cb - a.zero_const);
+    for (int v = 0; v < 4; ++v) {
+      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.s + so + v * 8)));
+      __m256 coef = vcz;
+      if (a.z) {
+        const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.z + so + v * 8)));
+        coef = _mm256_sub_ps(_mm256_set1_ps(cb), z);
+      }
+      const __m256 inner = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc32[v]), vts, _mm256_mul_ps(coef, vsx));
+      y[v] = _mm256_fmadd_ps(s, inner, y[v]);
+    }
+  }
+  alignas(32) float out[kNR];
+  for (int v = 0; v < 4; ++v) _mm256_store_ps(out + v * 8, y[v]);
+  float* yr = a.y + mi * a.ldy;
+  for (int slot = 0; slot < kNR; ++slot) {
+    const int64_t row = t * kNR + row_of_slot(slot);
+    if (row < ps.n) yr[row] = out[slot];
+  }
+}
+
+template <int B, bool EXACT>
+void run(const GemmArgs& a, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
+  // tile-major: a tile's weights stay in L1/L2 while every token of the range uses them
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t mi = m0; mi < m1; ++mi) tile_token<B, EXACT>(a, t, mi);
+}
+
+}  // namespace
+
+void lut_gemm_avx2(const GemmArgs& a, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
+  const bool exact = a.ts->mode == TableMode::kExact;
+  switch (a.ps->bits * 2 + (exact ? 1 : 0)) {
+    case 2: return run<1, false>(a, t0, t1, m0, m1);
+    case 3: return run<1, true>(a, t0, t1, m0, m1);
+    case 4: return run<2, false>(a, t0, t1, m0, m1);
+    case 5: return run<2, true>(a, t0, t1, m0, m1);
+    case 6: return run<3, false>(a, t0, t1, m0, m1);
+    case 7: return run<3, true>(a, t0, t1, m0, m1);
+    case 8: return run<4, false>(a, t0, t1, m0, m1);
+    default: return run<4, true>(a, t0, t1, m0, m1);
+  }
+}
+
+}  // namespace luthier

@@ -1,0 +1,75 @@
+// lut_matmul.cpp: splits a LUT matmul into tasks for the thread pool and runs the kernel
+// of the chosen ISA on each.
+#include "lut_matmul.h"
+
+#include <algorithm>
+#include <mutex>
+#include <stdexcept>
+#include <vector>
+
+#include "dispatch.h"
+#include "thread_pool.h"
+
+namespace luthier {
+namespace {
+std::mutex g_pool_mu;  // the pool runs one job at a time; callers may come from many threads
+}
+
+void lut_gemm(const PackedRef& pw, const TableShape& tsh, const uint8_t* tables,
+              const float* tscale, const float* xsum, float* y, int n_threads,
+              const std::string& isa) {
+  const PackedShape& ps = pw.ps;
+  if (tsh.k != ps.k || tsh.group_size != ps.group_size)
+    throw std::invalid_argument("tables were built for another k or group_size");
+  GemmKernel kern = kernel_for(isa.empty() ? active_isa() : isa);
+  GemmArgs a{&ps, &tsh, pw.w, pw.s, pw.z, pw.zero_const, tables, tscale, xsum, y, ps.n};
+  n_threads = std::max(1, n_threads);
+  // Tasks: chunks of tiles (a few per thread for balance) x chunks of tokens when the
+  // tiles alone cannot keep every thread busy.
+  const int64_t want = n_threads == 1 ? 1 : int64_t(n_threads) * 4;
+  const int64_t tile_chunks = std::min<int64_t>(ps.n_tiles, want);
+  const int64_t m_chunks = std::min<int64_t>(tsh.m, std::max<int64_t>(1, want / tile_chunks));
+  const int64_t tiles_per = (ps.n_tiles + tile_chunks - 1) / tile_chunks;
+  const int64_t m_per = (tsh.m + m_chunks - 1) / m_chunks;
+  const int64_t n_tasks = tile_chunks * m_chunks;
+  std::function<void(int64_t)> fn = [&](int64_t task) {
+    const int64_t tc = task % tile_chunks, mc = task / tile_chunks;
+    const int64_t t0 = tc * tiles_per, t1 = std::min(ps.n_tiles, t0 + tiles_per);
+    const int64_t m0 = mc * m_per, m1 = std::min(tsh.m, m0 + m_per);
+    if (t0 < t1 && m0 < m1) kern(a, t0, t1, m0, m1);
+  };
+  std::lock_guard<std::mutex> lk(g_pool_mu);
+  global_pool(n_threads).run(n_tasks, fn);
+}
+
+void build_tables_mt(const TableShape& tsh, const float* x, const float* norm_w, float eps,
+                     uint8_t* tables, float* tscale, float* xsum, int n_threads) {
+  if (tsh.m == 1 || n_threads <= 1) {
+    build_tables(tsh, x, tsh.k, norm_w, eps, tables, tscale, xsum);
+    return;
+  }
+  TableShape one = tsh;
+  one.m = 1;
+  std::function<void(int64_t)> fn = [&](int64_t mi) {
+    build_tables(one, x + mi * tsh.k, tsh.k, norm_w, eps,
+                 tables + size_t(mi) * tsh.bytes_per_token(), tscale + mi * tsh.groups,
+                 xsum + mi * tsh.groups);
+  };
+  std::lock_guard<std::mutex> lk(g_pool_mu);
+  global_pool(n_threads).run(tsh.m, fn);
+}
+
+void lut_linear(const PackedRef& pw, TableMode mode, const float* x, int64_t m,
+                const float* norm_w, float eps, float* y, int n_threads, const std::string& isa) {
+  const TableShape tsh = table_shape(m, pw.ps.k, pw.ps.group_size, mode);
+  thread_local std::vector<uint8_t> tables;
+  thread_local std::vector<float> stats;  // [tscale (m*G) | xsum (m*G)]
+  tables.resize(size_t(m) * tsh.bytes_per_token());
+  stats.resize(size_t(2 * m * tsh.groups));
+  build_tables_mt(tsh, x, norm_w, eps, tables.data(), stats.data(),
+                  stats.data() + m * tsh.groups, n_threads);
+  lut_gemm(pw, tsh, tables.data(), stats.data(), stats.data() + m * tsh.groups, y, n_threads,
+           isa);
+}
+
+}  // namespace luthier

@@ -1,0 +1,31 @@
+// lut_matmul.h: the threaded entry points above the per-ISA kernels of lut_gemm.h.
+#pragma once
+#include <string>
+
+#include "lut_gemm.h"
+
+namespace luthier {
+
+struct PackedRef {  // a packed weight (see lut_gemm.h), borrowed
+  PackedShape ps;
+  const uint8_t* w;
+  const uint16_t* s;
+  const uint16_t* z;  // null: symmetric, zero_const used
+  float zero_const;
+};
+
+// y[m, n] = tables(x) . w ; tables built beforehand by build_tables.
+void lut_gemm(const PackedRef& pw, const TableShape& tsh, const uint8_t* tables,
+              const float* tscale, const float* xsum, float* y, int n_threads,
+              const std::string& isa);
+
+// Builds tables for m tokens on the pool (tokens split across threads).
+void build_tables_mt(const TableShape& tsh, const float* x, const float* norm_w, float eps,
+                     uint8_t* tables, float* tscale, float* xsum, int n_threads);
+
+// y[m, n] = (rmsnorm(x) if norm_w) . w^T: tables into a reused per-thread buffer, then
+// lut_gemm. No allocation once the buffer has grown to the largest shape seen.
+void lut_linear(const PackedRef& pw, TableMode mode, const float* x, int64_t m,
+                const float* norm_w, float eps, float* y, int n_threads, const std::string& isa);
+
+}  // namespace luthier

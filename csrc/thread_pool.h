@@ -1,0 +1,39 @@
+// thread_pool.h: a persistent pool; workers spin briefly, then sleep, between jobs.
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace luthier {
+
+class ThreadPool {
+ public:
+  explicit ThreadPool(int n_threads);
+  ~ThreadPool();
+  int size() const { return int(workers_.size()) + 1; }
+  // Runs fn(task) for task in [0, n_tasks) on all threads (the caller included); returns
+  // when all are done. fn must not throw. No allocation: fn is passed by reference.
+  void run(int64_t n_tasks, const std::function<void(int64_t)>& fn);
+
+ private:
+  void worker_loop();
+  void work();
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int64_t> next_{0};
+  std::atomic<int> busy_{0};
+  int64_t n_tasks_ = 0;
+  const std::function<void(int64_t)>* fn_ = nullptr;
+  bool stop_ = false;
+};
+
+// The process-wide pool, resized (recreated) when a call asks for another thread count.
+ThreadPool& global_pool(int n_threads);
+
+}  // namespace luthier
