@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bandwidth.h"
 #include "dispatch.h"
 #include "lut_matmul.h"
 
@@ -86,8 +87,8 @@ NB_MODULE(_core, m) {
     nb::gil_scoped_release nogil;
     pack_weights(ps, c, scales.data(), zeros ? zeros->data() : nullptr, w_out.data(), s_out.data(),
                  z_out ? z_out->data() : nullptr);
-  }, nb::arg("codes"), nb::arg("scales"), nb::arg("zeros").none(), nb::arg("bits"), nb::arg("group_size"),
-     nb::arg("w_out"), nb::arg("s_out"), nb::arg("z_out").none());
+  }, nb::arg("codes").noconvert(), nb::arg("scales").noconvert(), nb::arg("zeros").noconvert().none(), nb::arg("bits"), nb::arg("group_size"),
+     nb::arg("w_out").noconvert(), nb::arg("s_out").noconvert(), nb::arg("z_out").noconvert().none());
 
   m.def("unpack", [](int64_t n, int64_t k, int bits, int group_size, const Arr<const uint8_t>& w,
                      const Arr<const uint16_t>& s, const std::optional<Arr<const uint16_t>>& z,
@@ -100,8 +101,8 @@ NB_MODULE(_core, m) {
     nb::gil_scoped_release nogil;
     unpack_weights(pr.ps, pr.w, pr.s, pr.z, codes_out.data(), scales_out.data(),
                    zeros_out ? zeros_out->data() : nullptr);
-  }, nb::arg("n"), nb::arg("k"), nb::arg("bits"), nb::arg("group_size"), nb::arg("w"), nb::arg("s"),
-     nb::arg("z").none(), nb::arg("codes_out"), nb::arg("scales_out"), nb::arg("zeros_out").none());
+  }, nb::arg("n"), nb::arg("k"), nb::arg("bits"), nb::arg("group_size"), nb::arg("w").noconvert(), nb::arg("s").noconvert(),
+     nb::arg("z").noconvert().none(), nb::arg("codes_out").noconvert(), nb::arg("scales_out").noconvert(), nb::arg("zeros_out").noconvert().none());
 
   m.def("table_bytes_per_token", [](int64_t k, int group_size, const std::string& mode) {
     const TableShape t = table_shape(1, k, group_size, parse_mode(mode));
@@ -121,8 +122,8 @@ NB_MODULE(_core, m) {
     nb::gil_scoped_release nogil;
     build_tables_mt(t, x.data(), norm_w ? norm_w->data() : nullptr, eps, tables.data(),
                     tscale.data(), xsum.data(), n_threads);
-  }, nb::arg("x"), nb::arg("group_size"), nb::arg("mode"), nb::arg("tables"), nb::arg("tscale"),
-     nb::arg("xsum"), nb::arg("norm_w").none() = nb::none(), nb::arg("eps") = 1e-6f, nb::arg("n_threads") = 1);
+  }, nb::arg("x").noconvert(), nb::arg("group_size"), nb::arg("mode"), nb::arg("tables").noconvert(), nb::arg("tscale").noconvert(),
+     nb::arg("xsum").noconvert(), nb::arg("norm_w").noconvert().none() = nb::none(), nb::arg("eps") = 1e-6f, nb::arg("n_threads") = 1);
 
   m.def("gemm", [](int64_t n, int64_t k, int bits, int group_size, const Arr<const uint8_t>& w,
                    const Arr<const uint16_t>& s, const std::optional<Arr<const uint16_t>>& z,
@@ -139,9 +140,9 @@ NB_MODULE(_core, m) {
     if (!isa.empty()) kernel_for(isa);  // clear error before releasing the GIL
     nb::gil_scoped_release nogil;
     lut_gemm(pr, t, tables.data(), tscale.data(), xsum.data(), y.data(), n_threads, isa);
-  }, nb::arg("n"), nb::arg("k"), nb::arg("bits"), nb::arg("group_size"), nb::arg("w"), nb::arg("s"),
-     nb::arg("z").none(), nb::arg("zero_const"), nb::arg("mode"), nb::arg("tables"), nb::arg("tscale"),
-     nb::arg("xsum"), nb::arg("y"), nb::arg("n_threads") = 1, nb::arg("isa") = "");
+  }, nb::arg("n"), nb::arg("k"), nb::arg("bits"), nb::arg("group_size"), nb::arg("w").noconvert(), nb::arg("s").noconvert(),
+     nb::arg("z").noconvert().none(), nb::arg("zero_const"), nb::arg("mode"), nb::arg("tables").noconvert(), nb::arg("tscale").noconvert(),
+     nb::arg("xsum").noconvert(), nb::arg("y").noconvert(), nb::arg("n_threads") = 1, nb::arg("isa") = "");
 
   m.def("linear", [](int64_t n, int64_t k, int bits, int group_size, const Arr<const uint8_t>& w,
                      const Arr<const uint16_t>& s, const std::optional<Arr<const uint16_t>>& z,
@@ -158,10 +159,17 @@ NB_MODULE(_core, m) {
     if (!isa.empty()) kernel_for(isa);
     nb::gil_scoped_release nogil;
     lut_linear(pr, md, x.data(), mm, norm_w ? norm_w->data() : nullptr, eps, y.data(), n_threads, isa);
-  }, nb::arg("n"), nb::arg("k"), nb::arg("bits"), nb::arg("group_size"), nb::arg("w"), nb::arg("s"),
-     nb::arg("z").none(), nb::arg("zero_const"), nb::arg("mode"), nb::arg("x"), nb::arg("y"),
-     nb::arg("norm_w").none() = nb::none(), nb::arg("eps") = 1e-6f, nb::arg("n_threads") = 1,
+  }, nb::arg("n"), nb::arg("k"), nb::arg("bits"), nb::arg("group_size"), nb::arg("w").noconvert(), nb::arg("s").noconvert(),
+     nb::arg("z").noconvert().none(), nb::arg("zero_const"), nb::arg("mode"), nb::arg("x").noconvert(), nb::arg("y").noconvert(),
+     nb::arg("norm_w").noconvert().none() = nb::none(), nb::arg("eps") = 1e-6f, nb::arg("n_threads") = 1,
      nb::arg("isa") = "");
+
+  m.def("read_probe", [](const Arr<const uint8_t, nb::ndim<1>>& data, int n_threads) {
+    const uint8_t* p = data.data();
+    const size_t bytes = data.shape(0);
+    nb::gil_scoped_release nogil;
+    return read_probe(p, bytes, n_threads);
+  }, nb::arg("data").noconvert(), nb::arg("n_threads") = 1, "reads data once (bandwidth probe); returns a checksum");
 
   m.def("available_isas", &available_isas, "ISAs compiled in and supported here, best last");
   m.def("active_isa", [] { return active_isa(); }, "ISA in use (LUTHIER_ISA overrides)");

@@ -54,6 +54,17 @@ def quantize_rtn(w: np.ndarray, bits: int, group_size: int, symmetric: bool = Tr
         s16 = _to_f16_scale(s)
         q = np.rint(wg / s16.astype(np.float32)[..., None] + z)
         zeros = None
+    elif bits == 1:
+        # two levels: the means of the negative and the non-negative weights of the group
+        # (min/max or an integer zero would put one level at 0 or at an outlier)
+        neg = valid & (wg < 0)
+        pos = valid & (wg >= 0)
+        lo = np.where(neg, wg, 0).sum(-1) / np.maximum(neg.sum(-1), 1)
+        hi = np.where(pos, wg, 0).sum(-1) / np.maximum(pos.sum(-1), 1)
+        s16 = _to_f16_scale(hi - lo)
+        zf = (-lo / s16.astype(np.float32)).astype(np.float16)
+        q = np.rint(wg / s16.astype(np.float32)[..., None] + zf.astype(np.float32)[..., None])
+        zeros = zf
     else:
         lo = np.where(valid, wg, np.inf).min(-1)
         hi = np.where(valid, wg, -np.inf).max(-1)
