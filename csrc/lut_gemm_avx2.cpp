@@ -16,6 +16,10 @@
 
 #include "lut_gemm.h"
 
+#ifndef LUTHIER_PREFETCH
+#define LUTHIER_PREFETCH 1024
+#endif
+
 namespace luthier {
 namespace {
 
@@ -59,6 +63,7 @@ void tile_token(const GemmArgs& a, int64_t t, int64_t mi) {
   constexpr int kTb = EXACT ? 32 : 16;      // table bytes per kgroup
   constexpr int kPairBytes = B * 32;        // weight bytes per kgroup pair of a tile
   constexpr int kFlush = flush_pairs<B, EXACT>();
+  constexpr int kPrefetch = LUTHIER_PREFETCH;
   const int64_t pairs = ps.gsp / 8;
   const float cb = 0.5f * float((1 << B) - 1);
   const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -82,6 +87,9 @@ void tile_token(const GemmArgs& a, int64_t t, int64_t mi) {
       __m256i Ah = _mm256_setzero_si256(), Bh = _mm256_setzero_si256();
       for (int64_t p = p0; p < p1; ++p) {
         const uint8_t* wp = wg + p * kPairBytes;
+        // the weight stream is the only thing that should touch memory: fetch ahead
+        _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch), _MM_HINT_NTA);
+        if (kPairBytes > 64) _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch + 64), _MM_HINT_NTA);
         const uint8_t* tj = tg + size_t(2 * p) * kTb;  // kgroups 2p and 2p+1
         const __m256i t0 = bcast_table(tj), t1 = bcast_table(tj + kTb);
         __m256i h0, h1;
