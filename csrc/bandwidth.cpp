@@ -6,7 +6,7 @@
 #include <cstring>
 #include <functional>
 
-#include "thread_pool.h"
+#include "lut_matmul.h"
 
 #if defined(LUTHIER_X86)
 #include <immintrin.h>
@@ -61,7 +61,7 @@ uint64_t read_probe(const uint8_t* data, size_t bytes, int n_threads) {
 #endif
     parts[t] = read_generic(p, chunk);
   };
-  global_pool(n_threads).run(std::min(n_threads, 256), fn);
+  parallel_for(n_threads, std::min(n_threads, 256), fn);
   uint64_t r = 0;
   for (int t = 0; t < n_threads && t < 256; ++t) r ^= parts[t];
   return r;

@@ -60,6 +60,8 @@ PackedRef packed_ref(int64_t n, int64_t k, int bits, int group_size, const Arr<c
 
 }  // namespace
 
+void bind_runtime(nb::module_& m);  // bindings_runtime.cpp
+
 NB_MODULE(_core, m) {
   m.doc() = "luthier native core: LUT mixed-precision matmul (see csrc/lut_gemm.h)";
 
@@ -82,8 +84,9 @@ NB_MODULE(_core, m) {
     check_shape(s_out, {int64_t(ps.scale_count())}, "s_out");
     if (z_out) check_shape(*z_out, {int64_t(ps.scale_count())}, "z_out");
     const uint8_t* c = codes.data();
-    for (int64_t i = 0; i < n * k; ++i)
-      check(c[i] < (1u << bits), "code " + std::to_string(c[i]) + " does not fit in " + std::to_string(bits) + " bits");
+    uint8_t cmax = 0;  // one pass, message only on failure
+    for (int64_t i = 0; i < n * k; ++i) cmax = c[i] > cmax ? c[i] : cmax;
+    check(cmax < (1u << bits), "code " + std::to_string(cmax) + " does not fit in " + std::to_string(bits) + " bits");
     nb::gil_scoped_release nogil;
     pack_weights(ps, c, scales.data(), zeros ? zeros->data() : nullptr, w_out.data(), s_out.data(),
                  z_out ? z_out->data() : nullptr);
@@ -170,6 +173,8 @@ NB_MODULE(_core, m) {
     nb::gil_scoped_release nogil;
     return read_probe(p, bytes, n_threads);
   }, nb::arg("data").noconvert(), nb::arg("n_threads") = 1, "reads data once (bandwidth probe); returns a checksum");
+
+  bind_runtime(m);
 
   m.def("available_isas", &available_isas, "ISAs compiled in and supported here, best last");
   m.def("active_isa", [] { return active_isa(); }, "ISA in use (LUTHIER_ISA overrides)");

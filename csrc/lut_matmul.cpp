@@ -15,6 +15,11 @@ namespace {
 std::mutex g_pool_mu;  // the pool runs one job at a time; callers may come from many threads
 }
 
+void parallel_for(int n_threads, int64_t n_tasks, const std::function<void(int64_t)>& fn) {
+  std::lock_guard<std::mutex> lk(g_pool_mu);
+  global_pool(n_threads).run(n_tasks, fn);
+}
+
 void lut_gemm(const PackedRef& pw, const TableShape& tsh, const uint8_t* tables,
               const float* tscale, const float* xsum, float* y, int n_threads,
               const std::string& isa) {

@@ -1,5 +1,6 @@
 // lut_matmul.h: the threaded entry points above the per-ISA kernels of lut_gemm.h.
 #pragma once
+#include <functional>
 #include <string>
 
 #include "lut_gemm.h"
@@ -13,6 +14,10 @@ struct PackedRef {  // a packed weight (see lut_gemm.h), borrowed
   const uint16_t* z;  // null: symmetric, zero_const used
   float zero_const;
 };
+
+// Runs fn(task) for task in [0, n_tasks) on the process pool of n_threads, one job at a
+// time (callers may come from several Python threads).
+void parallel_for(int n_threads, int64_t n_tasks, const std::function<void(int64_t)>& fn);
 
 // y[m, n] = tables(x) . w ; tables built beforehand by build_tables.
 void lut_gemm(const PackedRef& pw, const TableShape& tsh, const uint8_t* tables,

@@ -1,5 +1,6 @@
 // pack.cpp: QTensor codes/scales/zeros -> the kernel layout of lut_gemm.h, and back.
 // The only file that writes the packed layout; every kernel only reads it.
+#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -56,6 +57,9 @@ void pack_weights(const PackedShape& ps, const uint8_t* codes, const uint16_t* s
   const int64_t pairs = ps.gsp / 8;
   const int bits = ps.bits;
   const size_t pair_bytes = size_t(bits) * 32;
+  int off[kNR][4];  // byte of (row, plane) inside a kgroup pair
+  for (int r = 0; r < kNR; ++r)
+    for (int pl = 0; pl < bits; ++pl) off[r][pl] = byte_in_pair(bits, r, pl);
   std::memset(w_out, 0, ps.weight_bytes());
   for (int64_t t = 0; t < ps.n_tiles; ++t) {
     for (int64_t g = 0; g < ps.groups; ++g) {
@@ -66,15 +70,19 @@ void pack_weights(const PackedShape& ps, const uint8_t* codes, const uint16_t* s
         if (row >= ps.n) break;
         const uint8_t* qrow = codes + size_t(row) * ps.k;
         for (int64_t p = 0; p < pairs; ++p) {
-          for (int half = 0; half < 2; ++half) {  // kgroup 2p (low nibble), 2p+1 (high)
-            for (int plane = 0; plane < bits; ++plane) {
-              int idx = 0;
-              for (int j = 0; j < kG; ++j) {
-                const int64_t col = group_col(ps, g, p * 8 + half * 4 + j);
-                if (col >= 0) idx |= ((qrow[col] >> plane) & 1) << j;
-              }
-              wg[p * pair_bytes + byte_in_pair(bits, r, plane)] |= uint8_t(idx << (4 * half));
-            }
+          uint8_t c8[8];  // the pair's 8 codes, zero past the group or past k
+          const int64_t c0 = g * ps.group_size + p * 8;
+          const int64_t lim = std::min<int64_t>(int64_t(ps.group_size) - p * 8, ps.k - c0);
+          if (lim >= 8) {
+            std::memcpy(c8, qrow + c0, 8);
+          } else {
+            for (int j = 0; j < 8; ++j) c8[j] = j < lim ? qrow[c0 + j] : 0;
+          }
+          uint8_t* wp = wg + p * pair_bytes;
+          for (int pl = 0; pl < bits; ++pl) {
+            int byte = 0;  // bit j of nibble: plane pl of code j (low nibble kgroup 2p)
+            for (int j = 0; j < 8; ++j) byte |= ((c8[j] >> pl) & 1) << j;
+            wp[off[r][pl]] = uint8_t(byte);
           }
         }
       }

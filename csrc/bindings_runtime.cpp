@@ -1,0 +1,174 @@
+// bindings_runtime.cpp: nanobind glue for the native decoder (csrc/runtime/decoder.h).
+// The Python object keeps every array it was given alive; the decoder only borrows them.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "runtime/decoder.h"
+
+namespace nb = nanobind;
+using namespace luthier;
+
+namespace {
+
+template <typename T, typename... Extra>
+using Arr = nb::ndarray<T, nb::c_contig, nb::device::cpu, Extra...>;
+
+struct PyDecoder {
+  std::unique_ptr<Decoder> dec;
+  std::vector<nb::object> keep;  // arrays the decoder borrows
+
+  LayerWeights& layer(int i) {
+    if (i < 0 || i >= int(dec->layers.size())) throw std::invalid_argument("layer index out of range");
+    return dec->layers[size_t(i)];
+  }
+  Linear* linear_slot(int li, const std::string& name) {
+    if (li == -1 && name == "head") return &dec->head;
+    LayerWeights& L = layer(li);
+    if (name == "q") return &L.q;
+    if (name == "k") return &L.k;
+    if (name == "v") return &L.v;
+    if (name == "o") return &L.o;
+    if (name == "gate") return &L.gate;
+    if (name == "up") return &L.up;
+    if (name == "down") return &L.down;
+    throw std::invalid_argument("unknown linear '" + name + "'");
+  }
+  const float** vector_slot(int li, const std::string& name) {
+    if (li == -1 && name == "out_norm") return &dec->out_norm;
+    LayerWeights& L = layer(li);
+    if (name == "attn_norm") return &L.attn_norm;
+    if (name == "ffn_norm") return &L.ffn_norm;
+    if (name == "post_attn_norm") return &L.post_attn_norm;
+    if (name == "post_ffn_norm") return &L.post_ffn_norm;
+    if (name == "q_norm") return &L.q_norm;
+    if (name == "k_norm") return &L.k_norm;
+    if (name == "bq") return &L.bq;
+    if (name == "bk") return &L.bk;
+    if (name == "bv") return &L.bv;
+    if (name == "bo") return &L.bo;
+    if (name == "inv_freq") return &L.inv_freq;
+    throw std::invalid_argument("unknown vector '" + name + "'");
+  }
+  int64_t vector_len(int li, const std::string& name) const {
+    const DecoderConfig& c = dec->cfg;
+    if (name == "out_norm" || name == "attn_norm" || name == "ffn_norm" || name == "post_attn_norm" ||
+        name == "post_ffn_norm" || name == "bo")
+      return c.dim;
+    if (name == "q_norm" || name == "k_norm") return c.head_dim;
+    if (name == "bq") return c.n_heads * c.head_dim;
+    if (name == "bk" || name == "bv") return c.n_kv_heads * c.head_dim;
+    if (name == "inv_freq") return c.n_rot / 2;
+    return -1;
+  }
+};
+
+}  // namespace
+
+void bind_runtime(nb::module_& m) {
+  nb::class_<PyDecoder>(m, "Decoder")
+      .def("__init__", [](PyDecoder* self, int64_t dim, int64_t n_layers, int64_t n_heads, int64_t n_kv_heads,
+                          int64_t head_dim, int64_t ffn_dim, int64_t vocab, int64_t n_rot, int64_t ctx,
+                          int64_t sliding_window, float norm_eps, float attn_scale, float embed_scale,
+                          float attn_softcap, float final_softcap, bool neox, bool gelu,
+                          const std::string& mode, int n_threads) {
+             DecoderConfig c;
+             c.dim = dim; c.n_layers = n_layers; c.n_heads = n_heads; c.n_kv_heads = n_kv_heads;
+             c.head_dim = head_dim; c.ffn_dim = ffn_dim; c.vocab = vocab; c.n_rot = n_rot; c.ctx = ctx;
+             c.sliding_window = sliding_window; c.norm_eps = norm_eps; c.attn_scale = attn_scale;
+             c.embed_scale = embed_scale; c.attn_softcap = attn_softcap; c.final_softcap = final_softcap;
+             c.neox = neox; c.gelu = gelu;
+             if (mode != "exact" && mode != "fast") throw std::invalid_argument("mode must be 'exact' or 'fast'");
+             c.mode = mode == "exact" ? TableMode::kExact : TableMode::kFast;
+             if (n_rot % 2 || n_rot > head_dim) throw std::invalid_argument("n_rot must be even and <= head_dim");
+             new (self) PyDecoder{std::make_unique<Decoder>(c, n_threads), {}};
+           },
+           nb::arg("dim"), nb::arg("n_layers"), nb::arg("n_heads"), nb::arg("n_kv_heads"), nb::arg("head_dim"),
+           nb::arg("ffn_dim"), nb::arg("vocab"), nb::arg("n_rot"), nb::arg("ctx"), nb::arg("sliding_window"),
+           nb::arg("norm_eps"), nb::arg("attn_scale"), nb::arg("embed_scale"), nb::arg("attn_softcap"),
+           nb::arg("final_softcap"), nb::arg("neox"), nb::arg("gelu"), nb::arg("mode"), nb::arg("n_threads"))
+      .def("set_lut", [](PyDecoder& self, int li, const std::string& name, int64_t n, int64_t k, int bits,
+                         int group_size, Arr<const uint8_t, nb::ndim<1>> w, Arr<const uint16_t, nb::ndim<1>> s,
+                         std::optional<Arr<const uint16_t, nb::ndim<1>>> z, float zero_const) {
+             const PackedShape ps = packed_shape(n, k, bits, group_size);
+             if (int64_t(w.shape(0)) != int64_t(ps.weight_bytes()) || int64_t(s.shape(0)) != int64_t(ps.scale_count()) ||
+                 (z && int64_t(z->shape(0)) != int64_t(ps.scale_count())))
+               throw std::invalid_argument("packed arrays do not match the shape");
+             Linear* L = self.linear_slot(li, name);
+             *L = Linear{PackedRef{ps, w.data(), s.data(), z ? z->data() : nullptr, zero_const}, true, nullptr, n, k};
+             self.keep.push_back(nb::cast(w));
+             self.keep.push_back(nb::cast(s));
+             if (z) self.keep.push_back(nb::cast(*z));
+           }, nb::arg("layer"), nb::arg("name"), nb::arg("n"), nb::arg("k"), nb::arg("bits"), nb::arg("group_size"),
+           nb::arg("w").noconvert(), nb::arg("s").noconvert(), nb::arg("z").noconvert().none(), nb::arg("zero_const"))
+      .def("set_float", [](PyDecoder& self, int li, const std::string& name, Arr<const float, nb::ndim<2>> w) {
+             Linear* L = self.linear_slot(li, name);
+             *L = Linear{PackedRef{}, false, w.data(), int64_t(w.shape(0)), int64_t(w.shape(1))};
+             self.keep.push_back(nb::cast(w));
+           }, nb::arg("layer"), nb::arg("name"), nb::arg("w").noconvert())
+      .def("set_vector", [](PyDecoder& self, int li, const std::string& name, Arr<const float, nb::ndim<1>> v) {
+             const float** slot = self.vector_slot(li, name);
+             if (int64_t(v.shape(0)) != self.vector_len(li, name))
+               throw std::invalid_argument(name + " has length " + std::to_string(v.shape(0)) + ", expected " +
+                                           std::to_string(self.vector_len(li, name)));
+             *slot = v.data();
+             self.keep.push_back(nb::cast(v));
+           }, nb::arg("layer"), nb::arg("name"), nb::arg("v").noconvert())
+      .def("set_sliding", [](PyDecoder& self, int li, bool sliding) { self.layer(li).sliding = sliding; })
+      .def("set_embedding_f32", [](PyDecoder& self, Arr<const float, nb::ndim<2>> e) {
+             if (int64_t(e.shape(0)) != self.dec->cfg.vocab || int64_t(e.shape(1)) != self.dec->cfg.dim)
+               throw std::invalid_argument("embedding shape does not match (vocab, dim)");
+             self.dec->embd_f32 = e.data();
+             self.dec->embd_f16 = nullptr;
+             self.keep.push_back(nb::cast(e));
+           }, nb::arg("embedding").noconvert())
+      .def("set_embedding_f16", [](PyDecoder& self, Arr<const uint16_t, nb::ndim<2>> e) {
+             if (int64_t(e.shape(0)) != self.dec->cfg.vocab || int64_t(e.shape(1)) != self.dec->cfg.dim)
+               throw std::invalid_argument("embedding shape does not match (vocab, dim)");
+             self.dec->embd_f16 = e.data();
+             self.dec->embd_f32 = nullptr;
+             self.keep.push_back(nb::cast(e));
+           }, nb::arg("embedding").noconvert())
+      .def("check", [](PyDecoder& self) {
+             // every required weight set before the first forward: a clear error, not a crash
+             Decoder& d = *self.dec;
+             auto need = [](bool ok, const std::string& what) {
+               if (!ok) throw std::invalid_argument("decoder is missing " + what);
+             };
+             need(d.embd_f32 || d.embd_f16, "the embedding");
+             need(d.out_norm, "the output norm");
+             need(d.head.is_lut || d.head.f, "the output head");
+             for (size_t i = 0; i < d.layers.size(); ++i) {
+               const LayerWeights& L = d.layers[i];
+               const std::string p = "layer " + std::to_string(i) + " ";
+               for (auto [lin, nm] : {std::pair{&L.q, "q"}, {&L.k, "k"}, {&L.v, "v"}, {&L.o, "o"},
+                                       {&L.gate, "gate"}, {&L.up, "up"}, {&L.down, "down"}})
+                 need(lin->is_lut || lin->f, p + nm);
+               need(L.attn_norm && L.ffn_norm && L.inv_freq, p + "norms or rope frequencies");
+               need(!L.q_norm == !L.k_norm, p + "q_norm/k_norm pair");
+             }
+           })
+      .def("forward", [](PyDecoder& self, Arr<const int32_t, nb::ndim<1>> tokens, int64_t pos,
+                         Arr<float, nb::ndim<2>> logits, bool all_logits) {
+             const int64_t m = tokens.shape(0);
+             const int64_t rows = all_logits ? m : 1;
+             if (int64_t(logits.shape(0)) != rows || int64_t(logits.shape(1)) != self.dec->cfg.vocab)
+               throw std::invalid_argument("logits must have shape (" + std::to_string(rows) + ", vocab)");
+             const int32_t* t = tokens.data();
+             float* out = logits.data();
+             nb::gil_scoped_release nogil;
+             self.dec->forward(t, m, pos, out, all_logits);
+           }, nb::arg("tokens").noconvert(), nb::arg("pos"), nb::arg("logits").noconvert(), nb::arg("all_logits") = false)
+      .def("reset", [](PyDecoder& self) { self.dec->reset_cache(); })
+      .def_prop_ro("length", [](PyDecoder& self) { return self.dec->length(); })
+      .def_prop_ro("ctx", [](PyDecoder& self) { return self.dec->cfg.ctx; })
+      .def_prop_rw("n_threads", [](PyDecoder& self) { return self.dec->n_threads; },
+                   [](PyDecoder& self, int n) { self.dec->n_threads = n < 1 ? 1 : n; });
+}

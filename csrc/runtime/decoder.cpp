@@ -1,0 +1,196 @@
+// decoder.cpp: see decoder.h. Each step mirrors models/transformer.py.
+#include "decoder.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <stdexcept>
+
+
+namespace luthier {
+namespace {
+
+void rms_norm_rows(const float* x, int64_t m, int64_t d, const float* w, float eps, float* out) {
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xr = x + i * d;  // row i of [m, d]
+    float ss = 0.f;
+    for (int64_t j = 0; j < d; ++j) ss += xr[j] * xr[j];
+    const float r = 1.f / std::sqrt(ss / float(d) + eps);
+    for (int64_t j = 0; j < d; ++j) out[i * d + j] = xr[j] * r * w[j];
+  }
+}
+
+// RoPE in place on x [m, heads, head_dim] at positions pos + i.
+void rope(float* x, int64_t m, int64_t heads, int64_t hd, int64_t n_rot, const float* inv_freq,
+          int64_t pos, bool neox) {
+  const int64_t half = n_rot / 2;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < half; ++j) {
+      const double a = double(pos + i) * double(inv_freq[j]);
+      const float c = float(std::cos(a)), s = float(std::sin(a));
+      for (int64_t h = 0; h < heads; ++h) {
+        float* v = x + (i * heads + h) * hd;  // [m, heads, hd] -> head vector
+        float* p1 = neox ? v + j : v + 2 * j;
+        float* p2 = neox ? v + j + half : v + 2 * j + 1;
+        const float a1 = *p1, a2 = *p2;
+        *p1 = a1 * c - a2 * s;
+        *p2 = a2 * c + a1 * s;
+      }
+    }
+  }
+}
+
+inline float gelu_tanh(float x) {
+  return 0.5f * x * (1.f + std::tanh(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+inline float silu(float x) { return x * (0.5f + 0.5f * std::tanh(0.5f * x)); }
+
+}  // namespace
+
+Decoder::Decoder(const DecoderConfig& c, int threads) : cfg(c), n_threads(threads) {
+  if (c.n_heads <= 0 || c.n_kv_heads <= 0 || c.n_heads % c.n_kv_heads)
+    throw std::invalid_argument("n_heads must be a positive multiple of n_kv_heads");
+  if (c.ctx <= 0) throw std::invalid_argument("ctx must be positive");
+  layers.resize(size_t(c.n_layers));
+  const size_t kv = size_t(c.n_layers) * c.ctx * c.n_kv_heads * c.head_dim;
+  kc_.assign(kv, 0.f);
+  vc_.assign(kv, 0.f);
+}
+
+void Decoder::linear(const Linear& w, const float* x, int64_t m, float* y, const float* norm_w) {
+  if (w.is_lut) {
+    lut_linear(w.lut, cfg.mode, x, m, norm_w, cfg.norm_eps, y, n_threads, "");
+    return;
+  }
+  const float* xin = x;
+  if (norm_w) {  // the float path has no fused tables: normalize into scratch
+    h_.resize(size_t(m * w.k));
+    rms_norm_rows(x, m, w.k, norm_w, cfg.norm_eps, h_.data());
+    xin = h_.data();
+  }
+  const int64_t chunk = 64;
+  std::function<void(int64_t)> fn = [&](int64_t t) {
+    const int64_t n0 = t * chunk, n1 = std::min(w.n, n0 + chunk);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t r = n0; r < n1; ++r) {
+        const float* wr = w.f + r * w.k;  // row r of [n, k]
+        const float* xr = xin + i * w.k;
+        float acc = 0.f;
+        for (int64_t j = 0; j < w.k; ++j) acc += wr[j] * xr[j];
+        y[i * w.n + r] = acc;
+      }
+  };
+  parallel_for(n_threads, (w.n + chunk - 1) / chunk, fn);
+}
+
+void Decoder::attention(int li, const float* q, int64_t m, int64_t pos, float* out) {
+  const DecoderConfig& c = cfg;
+  const int64_t hd = c.head_dim, group = c.n_heads / c.n_kv_heads;
+  const size_t layer_off = size_t(li) * c.ctx * c.n_kv_heads * hd;
+  const float* K = kc_.data() + layer_off;  // [ctx, kv, hd]
+  const float* V = vc_.data() + layer_off;
+  const float scale = c.attn_scale;
+  const int64_t window = layers[size_t(li)].sliding ? c.sliding_window : 0;
+  std::function<void(int64_t)> fn = [&](int64_t task) {
+    const int64_t i = task / c.n_heads, h = task % c.n_heads, kvh = h / group;
+    const int64_t p = pos + i;
+    const int64_t begin = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+    thread_local std::vector<float> sc;
+    sc.resize(size_t(p + 1 - begin));
+    const float* qv = q + (i * c.n_heads + h) * hd;  // [m, heads, hd]
+    float mx = -INFINITY;
+    for (int64_t t = begin; t <= p; ++t) {
+      const float* kv = K + (t * c.n_kv_heads + kvh) * hd;
+      float s = 0.f;
+      for (int64_t j = 0; j < hd; ++j) s += qv[j] * kv[j];
+      s *= scale;
+      if (c.attn_softcap > 0.f) s = c.attn_softcap * std::tanh(s / c.attn_softcap);
+      sc[size_t(t - begin)] = s;
+      mx = std::max(mx, s);
+    }
+    float sum = 0.f;
+    for (auto& s : sc) sum += (s = std::exp(s - mx));
+    const float inv = 1.f / sum;
+    float* ov = out + (i * c.n_heads + h) * hd;
+    std::fill(ov, ov + hd, 0.f);
+    for (int64_t t = begin; t <= p; ++t) {
+      const float pr = sc[size_t(t - begin)] * inv;
+      const float* vv = V + (t * c.n_kv_heads + kvh) * hd;
+      for (int64_t j = 0; j < hd; ++j) ov[j] += pr * vv[j];
+    }
+  };
+  parallel_for(n_threads, m * c.n_heads, fn);
+}
+
+void Decoder::forward(const int32_t* tokens, int64_t m, int64_t pos, float* logits, bool all_logits) {
+  const DecoderConfig& c = cfg;
+  if (m <= 0) throw std::invalid_argument("forward needs at least one token");
+  if (pos < 0 || pos > length_) throw std::invalid_argument("position past the cached tokens");
+  if (pos + m > c.ctx)
+    throw std::invalid_argument("context full: " + std::to_string(pos + m) + " tokens > ctx " +
+                                std::to_string(c.ctx));
+  for (int64_t i = 0; i < m; ++i)
+    if (tokens[i] < 0 || tokens[i] >= c.vocab) throw std::invalid_argument("token id out of range");
+  const int64_t d = c.dim, hd = c.head_dim, nq = c.n_heads * hd, nkv = c.n_kv_heads * hd;
+  x_.resize(size_t(m * d));
+  q_.resize(size_t(m * nq));
+  k_.resize(size_t(m * nkv));
+  v_.resize(size_t(m * nkv));
+  att_.resize(size_t(m * nq));
+  o_.resize(size_t(m * d));
+  g_.resize(size_t(m * c.ffn_dim));
+  u_.resize(size_t(m * c.ffn_dim));
+  // 1. embeddings [m, dim]
+  for (int64_t i = 0; i < m; ++i) {
+    float* xr = x_.data() + i * d;
+    const int64_t t = tokens[i];
+    for (int64_t j = 0; j < d; ++j)
+      xr[j] = (embd_f32 ? embd_f32[t * d + j] : half_to_float(embd_f16[t * d + j])) * c.embed_scale;
+  }
+  for (int64_t li = 0; li < c.n_layers; ++li) {
+    const LayerWeights& L = layers[size_t(li)];
+    // 2. attention: RMSNorm fused into the tables of q, k, v
+    linear(L.q, x_.data(), m, q_.data(), L.attn_norm);
+    linear(L.k, x_.data(), m, k_.data(), L.attn_norm);
+    linear(L.v, x_.data(), m, v_.data(), L.attn_norm);
+    auto add_bias = [m](float* y, const float* b, int64_t n) {
+      if (b) for (int64_t i = 0; i < m; ++i) for (int64_t j = 0; j < n; ++j) y[i * n + j] += b[j];
+    };
+    add_bias(q_.data(), L.bq, nq);
+    add_bias(k_.data(), L.bk, nkv);
+    add_bias(v_.data(), L.bv, nkv);
+    if (L.q_norm) {  // per head over head_dim: [m, heads, hd] as [m * heads, hd]
+      rms_norm_rows(q_.data(), m * c.n_heads, hd, L.q_norm, c.norm_eps, q_.data());
+      rms_norm_rows(k_.data(), m * c.n_kv_heads, hd, L.k_norm, c.norm_eps, k_.data());
+    }
+    rope(q_.data(), m, c.n_heads, hd, c.n_rot, L.inv_freq, pos, c.neox);
+    rope(k_.data(), m, c.n_kv_heads, hd, c.n_rot, L.inv_freq, pos, c.neox);
+    // cache walk: [layer li][position pos + i][kv, hd]
+    const size_t off = (size_t(li) * c.ctx + pos) * nkv;
+    std::memcpy(kc_.data() + off, k_.data(), sizeof(float) * m * nkv);
+    std::memcpy(vc_.data() + off, v_.data(), sizeof(float) * m * nkv);
+    attention(int(li), q_.data(), m, pos, att_.data());
+    linear(L.o, att_.data(), m, o_.data(), nullptr);
+    add_bias(o_.data(), L.bo, d);
+    if (L.post_attn_norm) rms_norm_rows(o_.data(), m, d, L.post_attn_norm, c.norm_eps, o_.data());
+    for (int64_t i = 0; i < m * d; ++i) x_[size_t(i)] += o_[size_t(i)];
+    // 3. feed-forward: gate and up share the fused-norm input
+    linear(L.gate, x_.data(), m, g_.data(), L.ffn_norm);
+    linear(L.up, x_.data(), m, u_.data(), L.ffn_norm);
+    for (int64_t i = 0; i < m * c.ffn_dim; ++i)
+      g_[size_t(i)] = (c.gelu ? gelu_tanh(g_[size_t(i)]) : silu(g_[size_t(i)])) * u_[size_t(i)];
+    linear(L.down, g_.data(), m, o_.data(), nullptr);
+    if (L.post_ffn_norm) rms_norm_rows(o_.data(), m, d, L.post_ffn_norm, c.norm_eps, o_.data());
+    for (int64_t i = 0; i < m * d; ++i) x_[size_t(i)] += o_[size_t(i)];
+  }
+  length_ = pos + m;
+  // 4. head on the last token (or all): final norm fused into its tables
+  const int64_t first = all_logits ? 0 : m - 1, rows = m - first;
+  linear(head, x_.data() + first * d, rows, logits, out_norm);
+  if (c.final_softcap > 0.f)
+    for (int64_t i = 0; i < rows * c.vocab; ++i)
+      logits[i] = c.final_softcap * std::tanh(logits[i] / c.final_softcap);
+}
+
+}  // namespace luthier

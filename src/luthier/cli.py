@@ -1,0 +1,238 @@
+"""The `luthier` command line: run, chat, info, bench. Formats output; computes nothing."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _progress_bar():
+    from tqdm import tqdm
+
+    bar = {"b": None}
+
+    def cb(i: int, total: int, what: str) -> None:
+        if bar["b"] is None or bar["b"].total != total:
+            if bar["b"] is not None:
+                bar["b"].close()
+            bar["b"] = tqdm(total=total, file=sys.stderr, leave=False, unit="tensor",
+                            disable=not sys.stderr.isatty() and os.environ.get("LUTHIER_PROGRESS") != "1")
+        bar["b"].n = i
+        bar["b"].set_description(what.split(" ")[0])
+        bar["b"].refresh()
+
+    def close():
+        if bar["b"] is not None:
+            bar["b"].close()
+
+    return cb, close
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    from .engine import parse_bits
+
+    p.add_argument("--bits", type=parse_bits, default=4,
+                   help="linear layer bits: 1, 2, 3, 4, ternary (LUT kernels), 8 or 16 (float)")
+    p.add_argument("--group-size", type=int, default=128, help="weights per scale along k")
+    p.add_argument("--head-bits", type=parse_bits, default=4, help="output head bits")
+    p.add_argument("--symmetric", action="store_true", help="no zero points")
+    p.add_argument("--mode", choices=["exact", "fast"], default="fast",
+                   help="LUT tables: fast = int8 tables of float activations (default), "
+                        "exact = exact int16 tables of int8 activations")
+    p.add_argument("--threads", "-t", type=int, default=None, help="threads (default: all cores)")
+    p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's)")
+
+
+def _sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", "-n", type=int, default=256)
+    p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _load(a):
+    from .engine import QuantConfig, load_model
+
+    cfg = QuantConfig(bits=a.bits, group_size=a.group_size, head_bits=a.head_bits,
+                      mode=a.mode, symmetric=a.symmetric)
+    cb, close = _progress_bar()
+    try:
+        return load_model(a.model, cfg, a.threads, a.ctx, progress=cb)
+    finally:
+        close()
+
+
+def _sampler(a):
+    from .sample import Sampler
+
+    return Sampler(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+                   repetition_penalty=a.repeat_penalty, seed=a.seed)
+
+
+def _print_stats(st, file=sys.stderr) -> None:
+    print(f"\n[prompt {st.prompt_tokens} tok, {st.prefill_tps:.1f} tok/s | "
+          f"generated {st.completion_tokens} tok, {st.decode_tps:.1f} tok/s, "
+          f"{st.decode_gbps:.2f} GB/s of weights]", file=file)
+
+
+def cmd_run(a) -> int:
+    from .generate import generate_stream
+
+    rest = a.args
+    if len(rest) == 1:
+        a.model, prompt = None, rest[0]
+    elif len(rest) == 2:
+        a.model, prompt = rest
+    else:
+        print("usage: luthier run [MODEL] PROMPT", file=sys.stderr)
+        return 2
+    lm = _load(a)
+    tok = lm.tokenizer
+    if a.chat:
+        ids = tok.encode_chat([{"role": "user", "content": prompt}])
+    else:
+        ids = tok.encode(prompt)
+    sys.stdout.write("" if a.chat else prompt)
+    for ch in generate_stream(lm, ids, a.max_tokens, _sampler(a), stop=a.stop, ctx=a.ctx):
+        sys.stdout.write(ch.text)
+        sys.stdout.flush()
+        if ch.finish_reason:
+            sys.stdout.write("\n")
+            if not a.quiet:
+                _print_stats(ch.stats)
+    return 0
+
+
+def cmd_chat(a) -> int:
+    from .generate import generate_stream
+
+    lm = _load(a)
+    tok = lm.tokenizer
+    messages = []
+    if a.system:
+        messages.append({"role": "system", "content": a.system})
+    print("luthier chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        ids = tok.encode_chat(messages)
+        parts = []
+        for ch in generate_stream(lm, ids, a.max_tokens, _sampler(a), stop=a.stop, ctx=a.ctx):
+            sys.stdout.write(ch.text)
+            sys.stdout.flush()
+            parts.append(ch.text)
+            if ch.finish_reason and a.verbose:
+                _print_stats(ch.stats)
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(parts)})
+    return 0
+
+
+def cmd_info(a) -> int:
+    from .engine import resolve_model_path
+    from .loaders.gguf import GGUFFile
+
+    path = resolve_model_path(a.model)
+    f = GGUFFile(path)
+    print(f"file: {path}")
+    print(f"architecture: {f.architecture}")
+    for k, v in f.metadata.items():
+        if isinstance(v, (list, tuple)) and len(v) > 8:
+            v = f"[{len(v)} items]"
+        elif isinstance(v, str) and len(v) > 80:
+            v = v[:77].replace("\n", "\\n") + "..."
+        print(f"  {k} = {v}")
+    counts: dict[str, int] = {}
+    for t in f.tensors.values():
+        counts[t.type_name] = counts.get(t.type_name, 0) + 1
+    print(f"tensors: {len(f.tensors)} (" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + ")")
+    return 0
+
+
+def cmd_bench(a) -> int:
+    import numpy as np
+
+    lm = _load(a)
+    print(f"# {os.path.basename(lm.path)}  bits={a.bits} group={a.group_size} "
+          f"head_bits={a.head_bits} mode={a.mode} threads={lm.n_threads}")
+    print(f"# load {lm.load_seconds:.2f} s, quantize {lm.quantize_seconds:.2f} s, "
+          f"linear weights {lm.linear_bytes / 1e6:.1f} MB")
+    model = lm.model
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, lm.tokenizer.vocab_size, a.prompt_tokens)
+    cache = model.new_cache(a.prompt_tokens + a.gen_tokens + 1)
+    t0 = time.perf_counter()
+    model.forward(prompt, cache, 0, last_only=True)
+    pp = a.prompt_tokens / (time.perf_counter() - t0)
+    cache2 = model.new_cache(a.gen_tokens + 2)
+    model.forward(np.array([1]), cache2, 0)
+    t0 = time.perf_counter()
+    for i in range(a.gen_tokens):
+        model.forward(np.array([int(prompt[i % len(prompt)])]), cache2, i + 1)
+    tg = a.gen_tokens / (time.perf_counter() - t0)
+    gbps = tg * lm.weight_bytes_per_token / 1e9
+    print(f"pp{a.prompt_tokens}: {pp:.1f} tok/s   tg{a.gen_tokens}: {tg:.1f} tok/s   "
+          f"({gbps:.2f} GB/s of weights)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="luthier", description="Low-bit LLM inference on CPUs by table lookup.")
+    p.add_argument("--version", action="version", version=f"luthier {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="complete a prompt: luthier run [MODEL] PROMPT")
+    r.add_argument("args", nargs="+", metavar="[MODEL] PROMPT")
+    r.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    r.add_argument("--quiet", "-q", action="store_true", help="no statistics line")
+    _common(r)
+    _sampling(r)
+    r.set_defaults(fn=cmd_run)
+
+    c = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    c.add_argument("model", nargs="?")
+    c.add_argument("--system", default=None)
+    c.add_argument("--verbose", "-v", action="store_true")
+    _common(c)
+    _sampling(c)
+    c.set_defaults(fn=cmd_chat)
+
+    i = sub.add_parser("info", help="metadata and tensors of a model file")
+    i.add_argument("model", nargs="?")
+    i.set_defaults(fn=cmd_info)
+
+    b = sub.add_parser("bench", help="prefill and decode speed")
+    b.add_argument("model", nargs="?")
+    b.add_argument("--prompt-tokens", "-p", type=int, default=128)
+    b.add_argument("--gen-tokens", "-g", type=int, default=128)
+    _common(b)
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return a.fn(a)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        print(f"luthier: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

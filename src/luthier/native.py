@@ -1,0 +1,107 @@
+"""The native decode step: a models.Transformer's weights handed to csrc/runtime/decoder.cpp.
+
+`NativeModel` has the interface of `Transformer` that generation uses (`forward`,
+`new_cache`, `args`, `vocab_size`), so either can run a model; the numpy Transformer is
+the oracle the native one is tested against. One native model holds one KV cache (one
+sequence at a time).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _core
+from .kernels import QLinear
+
+_LINEARS = (("wq", "q"), ("wk", "k"), ("wv", "v"), ("wo", "o"),
+            ("w_gate", "gate"), ("w_up", "up"), ("w_down", "down"))
+_VECTORS = (("attn_norm", "attn_norm"), ("ffn_norm", "ffn_norm"),
+            ("post_attn_norm", "post_attn_norm"), ("post_ffn_norm", "post_ffn_norm"),
+            ("q_norm", "q_norm"), ("k_norm", "k_norm"),
+            ("bq", "bq"), ("bk", "bk"), ("bv", "bv"), ("bo", "bo"))
+
+
+class NativeCache:
+    """Handle on the native decoder's own KV cache (for the Transformer-like interface)."""
+
+    def __init__(self, dec, max_seq_len: int):
+        self._dec = dec
+        self.max_seq_len = max_seq_len
+        dec.reset()
+
+    @property
+    def length(self) -> int:
+        return self._dec.length
+
+
+def _set_linear(dec, layer: int, name: str, lin) -> None:
+    if isinstance(lin, QLinear):
+        p = lin.packed
+        dec.set_lut(layer, name, p.n, p.k, p.bits, p.group_size, p.w, p.s, p.z, p.zero_const)
+    elif hasattr(lin, "wt"):  # engine.FloatLinear holds w.T [k, n]
+        dec.set_float(layer, name, np.ascontiguousarray(lin.wt.T))  # [k, n] -> [n, k]
+    else:
+        raise TypeError(f"{name}: the native decoder takes QLinear or FloatLinear layers, "
+                        f"got {type(lin).__name__}")
+
+
+class NativeModel:
+    def __init__(self, model, ctx: int, n_threads: int = 1, mode: str = "exact"):
+        a = model.args
+        self.args = a
+        self.vocab_size = model.vocab_size
+        dec = _core.Decoder(
+            dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
+            head_dim=a.head_dim, ffn_dim=a.ffn_dim, vocab=model.vocab_size, n_rot=a.n_rot,
+            ctx=int(ctx), sliding_window=int(a.sliding_window or 0), norm_eps=float(a.norm_eps),
+            attn_scale=float(a.softmax_scale), embed_scale=float(a.embed_scale),
+            attn_softcap=float(a.attn_logit_softcap or 0.0),
+            final_softcap=float(a.final_logit_softcap or 0.0),
+            neox=a.rope_style == "neox", gelu=a.activation == "gelu_tanh", mode=mode,
+            n_threads=int(n_threads))
+        emb = model.tok_embd
+        if emb.dtype == np.float16:
+            dec.set_embedding_f16(np.ascontiguousarray(emb).view(np.uint16))
+        else:
+            dec.set_embedding_f32(np.ascontiguousarray(emb, dtype=np.float32))
+        dec.set_vector(-1, "out_norm", np.ascontiguousarray(model.output_norm, np.float32))
+        _set_linear(dec, -1, "head", model.output)
+        for i, layer in enumerate(model.layers):
+            for attr, name in _LINEARS:
+                _set_linear(dec, i, name, getattr(layer, attr))
+            for attr, name in _VECTORS:
+                v = getattr(layer, attr, None)
+                if v is not None:
+                    dec.set_vector(i, name, np.ascontiguousarray(v, np.float32))
+            rope = model.layer_rope(i)
+            dec.set_vector(i, "inv_freq", rope.inv_freq.astype(np.float32))
+            dec.set_sliding(i, bool(a.is_sliding(i)))
+        dec.check()
+        self._dec = dec
+        self.ctx = int(ctx)
+
+    @property
+    def n_threads(self) -> int:
+        return self._dec.n_threads
+
+    @n_threads.setter
+    def n_threads(self, n: int) -> None:
+        self._dec.n_threads = n
+
+    def new_cache(self, max_seq_len: int | None = None, dtype=None) -> NativeCache:
+        n = self.ctx if max_seq_len is None else int(max_seq_len)
+        if n > self.ctx:
+            raise ValueError(f"a cache of {n} tokens exceeds the native context of {self.ctx}")
+        return NativeCache(self._dec, n)
+
+    def forward(self, tokens, cache: NativeCache, start_pos: int, last_only: bool = False) -> np.ndarray:
+        t = np.ascontiguousarray(np.asarray(tokens).reshape(-1), dtype=np.int32)  # [m]
+        if t.size == 0:
+            raise ValueError("forward needs at least one token")
+        if start_pos + t.size > cache.max_seq_len:
+            raise ValueError(f"context full: {start_pos + t.size} tokens > {cache.max_seq_len}")
+        out = np.empty((1 if last_only else t.size, self.vocab_size), np.float32)
+        self._dec.forward(t, int(start_pos), out, not last_only)
+        return out
+
+    __call__ = forward
