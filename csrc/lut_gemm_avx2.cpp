@@ -17,7 +17,7 @@
 #include "lut_gemm.h"
 
 #ifndef LUTHIER_PREFETCH
-#define LUTHIER_PREFETCH 1024
+#define LUTHIER_PREFETCH 4096
 #endif
 
 namespace luthier {

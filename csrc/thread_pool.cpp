@@ -40,7 +40,7 @@ void ThreadPool::worker_loop() {
   for (;;) {
     int spins = 0;
     while (generation_.load(std::memory_order_acquire) == seen && spins < 20000) {
-      LUTHIER_PAUSE();
+      if (spins < 2000) LUTHIER_PAUSE(); else std::this_thread::yield();
       ++spins;
     }
     if (generation_.load(std::memory_order_acquire) == seen) {
@@ -69,7 +69,14 @@ void ThreadPool::run(int64_t n_tasks, const std::function<void(int64_t)>& fn) {
   }
   cv_.notify_all();
   work();
-  while (busy_.load(std::memory_order_acquire) != 0) LUTHIER_PAUSE();
+  // spin briefly, then yield: on a loaded machine a descheduled worker must get the core
+  for (int spins = 0; busy_.load(std::memory_order_acquire) != 0; ++spins) {
+    if (spins < 2000) {
+      LUTHIER_PAUSE();
+    } else {
+      std::this_thread::yield();
+    }
+  }
 }
 
 ThreadPool& global_pool(int n_threads) {

@@ -1,0 +1,214 @@
+"""End-to-end prefill / decode speed of luthier and llama.cpp (llama-cpp-python) side by side.
+
+Both engines quantize from the same float weights: luthier quantizes the dequantized GGUF
+tensors; llama.cpp requantizes the same file with llama_model_quantize (allow_requantize),
+which dequantizes to float first. llama.cpp is optional: `pip install ".[bench]"`.
+
+    python benchmarks/bench_e2e.py                        # SmolLM2, 1 and 2 threads
+    python benchmarks/bench_e2e.py --synthetic            # ~1B Llama-shaped random model too
+    python benchmarks/bench_e2e.py --json out.json --plot e2e.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import cpu_name, git_commit  # noqa: E402
+
+from luthier.engine import QuantConfig, load_model  # noqa: E402
+from luthier.loaders.bundled import smollm2_path  # noqa: E402
+
+# (our bits, our group size, llama.cpp type names to compare with)
+PAIRS = [(4, 128, ["Q4_0"]), (2, 64, ["Q2_K"]), ("ternary", 64, ["TQ2_0", "TQ1_0"])]
+
+
+def bench_luthier(path, bits, gs, threads, n_prompt, n_gen, head_bits=4) -> dict:
+    lm = load_model(path, QuantConfig(bits=bits, group_size=gs, head_bits=head_bits),
+                    n_threads=threads, ctx=n_prompt + n_gen + 8)
+    m = lm.model
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, m.vocab_size, n_prompt)
+    m.forward(prompt[:8], m.new_cache(), 0)  # warm up the pool and caches
+    best_pp, best_tg = 0.0, 0.0
+    for _ in range(2):
+        cache = m.new_cache()
+        t0 = time.perf_counter()
+        m.forward(prompt, cache, 0, last_only=True)
+        best_pp = max(best_pp, n_prompt / (time.perf_counter() - t0))
+        cache = m.new_cache()
+        m.forward(prompt[:1], cache, 0)
+        t0 = time.perf_counter()
+        for i in range(n_gen):
+            m.forward(prompt[i % n_prompt : i % n_prompt + 1], cache, i + 1, last_only=True)
+        best_tg = max(best_tg, n_gen / (time.perf_counter() - t0))
+    return {"engine": "luthier", "type": f"{bits}{"" if bits == "ternary" else "b"}-g{gs}", "threads": threads, "pp": best_pp,
+            "tg": best_tg, "weight_mb": lm.weight_bytes_per_token / 1e6,
+            "gbps": best_tg * lm.weight_bytes_per_token / 1e9}
+
+
+def llama_quantize(src: str, dst: str, type_name: str) -> None:
+    import llama_cpp
+
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.allow_requantize = True
+    params.nthread = os.cpu_count() or 1
+    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize to {type_name} failed ({rc})")
+
+
+def bench_llama(path, type_name, threads, n_prompt, n_gen, tmp) -> dict | None:
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    q = os.path.join(tmp, f"{os.path.basename(path)}.{type_name}.gguf")
+    if not os.path.exists(q):
+        llama_quantize(path, q, type_name)
+    llm = llama_cpp.Llama(q, n_ctx=n_prompt + n_gen + 8, n_threads=threads, n_threads_batch=threads,
+                          n_batch=n_prompt, verbose=False)
+    rng = np.random.default_rng(0)
+    prompt = [int(t) for t in rng.integers(0, llm.n_vocab(), n_prompt)]
+    best_pp, best_tg = 0.0, 0.0
+    for _ in range(2):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        best_pp = max(best_pp, n_prompt / (time.perf_counter() - t0))
+        llm.reset()
+        llm.eval(prompt[:1])
+        t0 = time.perf_counter()
+        for i in range(n_gen):
+            llm.eval([prompt[i % n_prompt]])
+        best_tg = max(best_tg, n_gen / (time.perf_counter() - t0))
+    size = os.path.getsize(q)
+    return {"engine": "llama.cpp", "type": type_name, "threads": threads, "pp": best_pp,
+            "tg": best_tg, "weight_mb": size / 1e6, "gbps": best_tg * size / 1e9}
+
+
+def write_synthetic(path: str, hidden=2048, layers=16, heads=32, kv_heads=8, ffn=5632,
+                    vocab=49152, seed=0) -> None:
+    """A Llama-shaped F16 GGUF with random weights; every row a multiple of 256."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(layers)
+    w.add_context_length(2048)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_file_type(1)
+    # a byte-level BPE vocabulary of placeholder tokens: enough for both loaders
+    toks = [f"<t{i}>" for i in range(vocab)]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(toks)
+    w.add_token_types([1] * vocab)
+    w.add_token_merges([])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+    def mat(n, k):
+        return (rng.standard_normal((n, k), np.float32) * (1.0 / np.sqrt(k))).astype(np.float16)
+
+    hd = hidden // heads
+    w.add_tensor("token_embd.weight", mat(vocab, hidden))
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    for i in range(layers):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(p + "ffn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(p + "attn_q.weight", mat(heads * hd, hidden))
+        w.add_tensor(p + "attn_k.weight", mat(kv_heads * hd, hidden))
+        w.add_tensor(p + "attn_v.weight", mat(kv_heads * hd, hidden))
+        w.add_tensor(p + "attn_output.weight", mat(hidden, heads * hd))
+        w.add_tensor(p + "ffn_gate.weight", mat(ffn, hidden))
+        w.add_tensor(p + "ffn_up.weight", mat(ffn, hidden))
+        w.add_tensor(p + "ffn_down.weight", mat(hidden, ffn))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def plot(records, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, title in ((axes[0], "tg", "decode tok/s"), (axes[1], "pp", "prefill tok/s")):
+        labels = [f"{r['model']}\n{r['engine']} {r['type']}\n{r['threads']}t" for r in records]
+        colors = ["tab:blue" if r["engine"] == "luthier" else "tab:gray" for r in records]
+        ax.bar(range(len(records)), [r[key] for r in records], color=colors)
+        ax.set_xticks(range(len(records)), labels, fontsize=6, rotation=90)
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="GGUF (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--synthetic", action="store_true", help="also the ~1B random Llama model")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--json")
+    ap.add_argument("--plot")
+    a = ap.parse_args(argv)
+    threads = [int(t) for t in a.threads.split(",")]
+    # (name, path, our head bits): 4-bit groups of 32 = 4.5 bits, under llama.cpp's Q6_K head
+    models = [("smollm2-135m", a.model or str(smollm2_path()), 4)]
+    tmp = tempfile.mkdtemp(prefix="luthier-e2e-")
+    if a.synthetic:
+        syn = os.path.join(tmp, "synthetic-1b-f16.gguf")
+        write_synthetic(syn)
+        models.append(("synthetic-1b", syn, 4))
+    print(f"# {cpu_name()}, commit {git_commit()}; command: python benchmarks/bench_e2e.py "
+          + " ".join(argv or sys.argv[1:]))
+    print(f"{'model':<14} {'engine':<9} {'type':<12} {'thr':>3} {'pp tok/s':>9} {'tg tok/s':>9} "
+          f"{'MB/tok':>7} {'GB/s':>6}")
+    records = []
+    for name, path, head_bits in models:
+        for bits, gs, ltypes in PAIRS:
+            for t in threads:
+                runs = [bench_luthier(path, bits, gs, t, a.prompt, a.gen, head_bits)]
+                if not a.no_llama:
+                    for lt in ltypes:
+                        r = bench_llama(path, lt, t, a.prompt, a.gen, tmp)
+                        if r:
+                            runs.append(r)
+                for r in runs:
+                    r["model"] = name
+                    records.append(r)
+                    print(f"{name:<14} {r['engine']:<9} {r['type']:<12} {t:>3} {r['pp']:>9.1f} "
+                          f"{r['tg']:>9.1f} {r['weight_mb']:>7.1f} {r['gbps']:>6.2f}", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(records, f, indent=1)
+    if a.plot:
+        plot(records, a.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
