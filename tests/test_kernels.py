@@ -158,7 +158,7 @@ def test_fused_rmsnorm_tables():
 def test_qlinear_vector_and_threads():
     rng = np.random.default_rng(2)
     qt = make_qt(rng, 100, 256, 2, 64, True)
-    lin = kernels.QLinear(qt, n_threads=2)
+    lin = kernels.QLinear(qt, mode="exact", n_threads=2)
     x = rng.standard_normal(256).astype(np.float32)
     y = lin(x)
     assert y.shape == (100,)
