@@ -203,19 +203,25 @@ def _build(path, args, weights, tok, meta, quant, n_threads, progress, ctx, nati
 
 
 def _load_hf(path, quant, n_threads, ctx, progress, native) -> LoadedModel:
+    """A Hugging Face folder: config.json, *.safetensors (single or sharded, f32/f16/bf16),
+    tokenizer.json (+ tokenizer_config.json). Weights are renamed to the GGUF names the
+    model reads (models.hf_names); Q/K stay in HF's layout, which ModelArgs.from_hf_config
+    declares (rope_style "neox")."""
     from .loaders.safetensors import HFFolder
     from .models import ModelArgs
     from .models.hf_names import hf_to_gguf_weights
     from .tokenizer import Tokenizer
 
     t0 = time.perf_counter()
-    folder = HFFolder(path)
-    args = ModelArgs.from_hf_config(folder.config)
-    if folder.tokenizer_json_path is None:
-        raise FileNotFoundError(f"{path}: no tokenizer.json")
-    tok_cfg = folder.tokenizer_config if hasattr(folder, "tokenizer_config") else None
-    tok = Tokenizer.from_file(folder.tokenizer_json_path, tok_cfg)
-    weights = hf_to_gguf_weights(folder, args)
-    lm = _build(path, args, weights, tok, dict(folder.config), quant, n_threads, progress, ctx, native)
-    lm.load_seconds = time.perf_counter() - t0
+    # load_float copies every tensor out, so the memory maps can close after the loading
+    with HFFolder(path) as folder:
+        args = ModelArgs.from_hf_config(folder.config)
+        if folder.tokenizer_json_path is None:
+            raise FileNotFoundError(f"{path}: no tokenizer.json")
+        tok = Tokenizer.from_file(folder.tokenizer_json_path, folder.tokenizer_config)
+        weights = hf_to_gguf_weights(folder, args, progress)
+        meta = dict(folder.config)
+    load_s = time.perf_counter() - t0
+    lm = _build(path, args, weights, tok, meta, quant, n_threads, progress, ctx, native)
+    lm.load_seconds = load_s
     return lm
