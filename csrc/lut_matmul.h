@@ -19,6 +19,17 @@ struct PackedRef {  // a packed weight (see lut_gemm.h), borrowed
 // time (callers may come from several Python threads).
 void parallel_for(int n_threads, int64_t n_tasks, const std::function<void(int64_t)>& fn);
 
+constexpr int kMaxMulti = 8;
+
+// ys[i][m, n_i] = tables(x) . w_i for weights sharing k and group_size (q/k/v, gate/up):
+// one table build and one pool job for all of them.
+void lut_gemm_multi(const PackedRef* pws, float* const* ys, int count, const TableShape& tsh,
+                    const uint8_t* tables, const float* tscale, const float* xsum,
+                    int n_threads, const std::string& isa);
+void lut_linear_multi(const PackedRef* pws, float* const* ys, int count, TableMode mode,
+                      const float* x, int64_t m, const float* norm_w, float eps, int n_threads,
+                      const std::string& isa);
+
 // y[m, n] = tables(x) . w ; tables built beforehand by build_tables.
 void lut_gemm(const PackedRef& pw, const TableShape& tsh, const uint8_t* tables,
               const float* tscale, const float* xsum, float* y, int n_threads,

@@ -84,6 +84,22 @@ void Decoder::linear(const Linear& w, const float* x, int64_t m, float* y, const
   parallel_for(n_threads, (w.n + chunk - 1) / chunk, fn);
 }
 
+void Decoder::linears(const Linear* const* ws, float* const* ys, int count, const float* x,
+                      int64_t m, const float* norm_w) {
+  // LUT weights with one group size share one table build and one pool job
+  bool shared = count <= kMaxMulti;
+  for (int i = 0; i < count; ++i)
+    shared = shared && ws[i]->is_lut && ws[i]->lut.ps.group_size == ws[0]->lut.ps.group_size &&
+             ws[i]->lut.ps.k == ws[0]->lut.ps.k;
+  if (!shared) {
+    for (int i = 0; i < count; ++i) linear(*ws[i], x, m, ys[i], norm_w);
+    return;
+  }
+  PackedRef refs[kMaxMulti];
+  for (int i = 0; i < count; ++i) refs[i] = ws[i]->lut;
+  lut_linear_multi(refs, ys, count, cfg.mode, x, m, norm_w, cfg.norm_eps, n_threads, "");
+}
+
 void Decoder::attention(int li, const float* q, int64_t m, int64_t pos, float* out) {
   const DecoderConfig& c = cfg;
   const int64_t hd = c.head_dim, group = c.n_heads / c.n_kv_heads;
@@ -151,9 +167,11 @@ void Decoder::forward(const int32_t* tokens, int64_t m, int64_t pos, float* logi
   for (int64_t li = 0; li < c.n_layers; ++li) {
     const LayerWeights& L = layers[size_t(li)];
     // 2. attention: RMSNorm fused into the tables of q, k, v
-    linear(L.q, x_.data(), m, q_.data(), L.attn_norm);
-    linear(L.k, x_.data(), m, k_.data(), L.attn_norm);
-    linear(L.v, x_.data(), m, v_.data(), L.attn_norm);
+    {
+      const Linear* ws[3] = {&L.q, &L.k, &L.v};
+      float* ys[3] = {q_.data(), k_.data(), v_.data()};
+      linears(ws, ys, 3, x_.data(), m, L.attn_norm);
+    }
     auto add_bias = [m](float* y, const float* b, int64_t n) {
       if (b) for (int64_t i = 0; i < m; ++i) for (int64_t j = 0; j < n; ++j) y[i * n + j] += b[j];
     };
@@ -176,8 +194,11 @@ void Decoder::forward(const int32_t* tokens, int64_t m, int64_t pos, float* logi
     if (L.post_attn_norm) rms_norm_rows(o_.data(), m, d, L.post_attn_norm, c.norm_eps, o_.data());
     for (int64_t i = 0; i < m * d; ++i) x_[size_t(i)] += o_[size_t(i)];
     // 3. feed-forward: gate and up share the fused-norm input
-    linear(L.gate, x_.data(), m, g_.data(), L.ffn_norm);
-    linear(L.up, x_.data(), m, u_.data(), L.ffn_norm);
+    {
+      const Linear* ws[2] = {&L.gate, &L.up};
+      float* ys[2] = {g_.data(), u_.data()};
+      linears(ws, ys, 2, x_.data(), m, L.ffn_norm);
+    }
     for (int64_t i = 0; i < m * c.ffn_dim; ++i)
       g_[size_t(i)] = (c.gelu ? gelu_tanh(g_[size_t(i)]) : silu(g_[size_t(i)])) * u_[size_t(i)];
     linear(L.down, g_.data(), m, o_.data(), nullptr);

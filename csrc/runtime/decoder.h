@@ -62,6 +62,8 @@ class Decoder {
 
  private:
   void linear(const Linear& w, const float* x, int64_t m, float* y, const float* norm_w);
+  void linears(const Linear* const* ws, float* const* ys, int count, const float* x, int64_t m,
+               const float* norm_w);
   void attention(int layer, const float* q, int64_t m, int64_t pos, float* out);
   std::vector<float> kc_, vc_;  // KV cache
   int64_t length_ = 0;
