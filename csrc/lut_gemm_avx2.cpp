@@ -56,8 +56,10 @@ inline __m256i pair_weights(int i) {  // bytes (2^i, 2^(i+1)) repeated
   return _mm256_set1_epi16(int16_t((1 << i) | (2 << i) << 8));
 }
 
-template <int B, bool EXACT>
-void tile_token(const GemmArgs& a, int64_t t, int64_t mi) {
+// NT tokens [mi, mi + NT) of tile t: each weight vector is loaded and split once and
+// looked up in every token's tables (prefill reads and decodes the weights once per NT).
+template <int B, bool EXACT, int NT>
+void tile_tokens(const GemmArgs& a, int64_t t, int64_t mi) {
   const PackedShape& ps = *a.ps;
   const TableShape& tsh = *a.ts;
   constexpr int kTb = EXACT ? 32 : 16;      // table bytes per kgroup
@@ -72,52 +74,62 @@ void tile_token(const GemmArgs& a, int64_t t, int64_t mi) {
   const __m256i ce = _mm256_set1_epi16(int16_t(1 << (B - 1)));
   const __m256i co = _mm256_set1_epi16(int16_t((1 << (B - 1)) << 8));
 
-  const uint8_t* tab = a.tables + size_t(mi) * tsh.bytes_per_token();
-  __m256 y[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                 _mm256_setzero_ps()};
+  const uint8_t* tab[NT];  // tables walk: [token][bytes_per_token]
+  for (int u = 0; u < NT; ++u) tab[u] = a.tables + size_t(mi + u) * tsh.bytes_per_token();
+  __m256 y[NT][4];
+  for (int u = 0; u < NT; ++u)
+    for (int v = 0; v < 4; ++v) y[u][v] = _mm256_setzero_ps();
   for (int64_t g = 0; g < ps.groups; ++g) {
     // weights walk: [tile t][group g][pair p][B * 32 bytes]
     const uint8_t* wg = a.w + (size_t(t) * ps.groups + g) * pairs * kPairBytes;
-    const uint8_t* tg = tab + size_t(g) * (ps.gsp / kG) * kTb;
-    __m256i acc32[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(),
-                        _mm256_setzero_si256(), _mm256_setzero_si256()};
+    const size_t tg = size_t(g) * (ps.gsp / kG) * kTb;  // group's offset in a token's tables
+    __m256i acc32[NT][4];
+    for (int u = 0; u < NT; ++u)
+      for (int v = 0; v < 4; ++v) acc32[u][v] = _mm256_setzero_si256();
     for (int64_t p0 = 0; p0 < pairs; p0 += kFlush) {
       const int64_t p1 = p0 + kFlush < pairs ? p0 + kFlush : pairs;
-      __m256i A = _mm256_setzero_si256(), Bv = _mm256_setzero_si256();
-      __m256i Ah = _mm256_setzero_si256(), Bh = _mm256_setzero_si256();
+      __m256i A[NT], Bv[NT], Ah[NT], Bh[NT];
+      for (int u = 0; u < NT; ++u)
+        A[u] = Bv[u] = Ah[u] = Bh[u] = _mm256_setzero_si256();
       for (int64_t p = p0; p < p1; ++p) {
         const uint8_t* wp = wg + p * kPairBytes;
         // the weight stream is the only thing that should touch memory: fetch ahead
         _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch), _MM_HINT_NTA);
         if (kPairBytes > 64) _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch + 64), _MM_HINT_NTA);
-        const uint8_t* tj = tg + size_t(2 * p) * kTb;  // kgroups 2p and 2p+1
-        const __m256i t0 = bcast_table(tj), t1 = bcast_table(tj + kTb);
-        __m256i h0, h1;
-        if (EXACT) h0 = bcast_table(tj + 16), h1 = bcast_table(tj + kTb + 16);
-        // step 1-3 for a plane vector into accumulator (acc, acch) with weights cw
-        auto plane_vec = [&](const uint8_t* src, __m256i cw, __m256i& acc, __m256i& acch) {
-          const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-          const __m256i lo = _mm256_and_si256(wv, m4);
-          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m4);
-          if (EXACT) {
-            acc = madd<true>(acc, cw, _mm256_shuffle_epi8(t0, lo), _mm256_shuffle_epi8(t1, hi));
-            acch = madd<false>(acch, cw, _mm256_shuffle_epi8(h0, lo), _mm256_shuffle_epi8(h1, hi));
-          } else {
-            acc = madd<false>(acc, cw, _mm256_shuffle_epi8(t0, lo), _mm256_shuffle_epi8(t1, hi));
+        // step 1: load and split every plane vector of the pair once
+        constexpr int kVec = B;  // 32-byte vectors per pair
+        __m256i lo[kVec], hi[kVec];
+        for (int q = 0; q < kVec; ++q) {
+          const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32 * q));
+          lo[q] = _mm256_and_si256(wv, m4);
+          hi[q] = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m4);
+        }
+        for (int u = 0; u < NT; ++u) {
+          const uint8_t* tj = tab[u] + tg + size_t(2 * p) * kTb;  // kgroups 2p and 2p+1
+          const __m256i t0 = bcast_table(tj), t1 = bcast_table(tj + kTb);
+          __m256i h0, h1;
+          if (EXACT) h0 = bcast_table(tj + 16), h1 = bcast_table(tj + kTb + 16);
+          // steps 2-3 for plane vector q into (acc, acch) with weights cw
+          auto plane_vec = [&](int q, __m256i cw, __m256i& acc, __m256i& acch) {
+            if (EXACT) {
+              acc = madd<true>(acc, cw, _mm256_shuffle_epi8(t0, lo[q]), _mm256_shuffle_epi8(t1, hi[q]));
+              acch = madd<false>(acch, cw, _mm256_shuffle_epi8(h0, lo[q]), _mm256_shuffle_epi8(h1, hi[q]));
+            } else {
+              acc = madd<false>(acc, cw, _mm256_shuffle_epi8(t0, lo[q]), _mm256_shuffle_epi8(t1, hi[q]));
+            }
+          };
+          if (B >= 2) {
+            plane_vec(0, cw01, A[u], Ah[u]);
+            plane_vec(1, cw01, Bv[u], Bh[u]);
           }
-        };
-        if (B >= 2) {
-          plane_vec(wp, cw01, A, Ah);
-          plane_vec(wp + 32, cw01, Bv, Bh);
-        }
-        if (B >= 4) {
-          plane_vec(wp + 64, cw23, A, Ah);
-          plane_vec(wp + 96, cw23, Bv, Bh);
-        }
-        if (B & 1) {  // last odd plane: one vector feeds both halves
-          const uint8_t* src = wp + (B - 1) / 2 * 64;
-          plane_vec(src, ce, A, Ah);
-          plane_vec(src, co, Bv, Bh);
+          if (B >= 4) {
+            plane_vec(2, cw23, A[u], Ah[u]);
+            plane_vec(3, cw23, Bv[u], Bh[u]);
+          }
+          if (B & 1) {  // last odd plane: one vector feeds both halves
+            plane_vec((B - 1) / 2 * 2, ce, A[u], Ah[u]);
+            plane_vec((B - 1) / 2 * 2, co, Bv[u], Bh[u]);
+          }
         }
       }
       // step 4: int16 -> int32, even and odd words (rows 2d and 2d+1 of each half)
@@ -127,44 +139,53 @@ void tile_token(const GemmArgs& a, int64_t t, int64_t mi) {
         dst[0] = _mm256_add_epi32(dst[0], _mm256_slli_epi32(e, sh));
         dst[1] = _mm256_add_epi32(dst[1], _mm256_slli_epi32(o, sh));
       };
-      widen(A, 0, acc32);
-      widen(Bv, 0, acc32 + 2);
-      if (EXACT) {
-        widen(Ah, 8, acc32);
-        widen(Bh, 8, acc32 + 2);
+      for (int u = 0; u < NT; ++u) {
+        widen(A[u], 0, acc32[u]);
+        widen(Bv[u], 0, acc32[u] + 2);
+        if (EXACT) {
+          widen(Ah[u], 8, acc32[u]);
+          widen(Bh[u], 8, acc32[u] + 2);
+        }
       }
     }
     // step 5: scale once per group; scales/zeros walk: [tile t][group g][slot v*8+d]
     const size_t so = (size_t(t) * ps.groups + g) * kNR;
-    const float tsc = 0.5f * a.tscale[mi * ps.groups + g];
-    const float sx = a.xsum[mi * ps.groups + g];
-    const __m256 vts = _mm256_set1_ps(tsc), vsx = _mm256_set1_ps(sx);
-    const __m256 vcz = _mm256_set1_ps(cb - a.zero_const);
     for (int v = 0; v < 4; ++v) {
       const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.s + so + v * 8)));
-      __m256 coef = vcz;
+      __m256 coef = _mm256_set1_ps(cb - a.zero_const);
       if (a.z) {
         const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.z + so + v * 8)));
         coef = _mm256_sub_ps(_mm256_set1_ps(cb), z);
       }
-      const __m256 inner = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc32[v]), vts, _mm256_mul_ps(coef, vsx));
-      y[v] = _mm256_fmadd_ps(s, inner, y[v]);
+      for (int u = 0; u < NT; ++u) {
+        const __m256 vts = _mm256_set1_ps(0.5f * a.tscale[(mi + u) * ps.groups + g]);
+        const __m256 vsx = _mm256_set1_ps(a.xsum[(mi + u) * ps.groups + g]);
+        const __m256 inner = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc32[u][v]), vts, _mm256_mul_ps(coef, vsx));
+        y[u][v] = _mm256_fmadd_ps(s, inner, y[u][v]);
+      }
     }
   }
-  alignas(32) float out[kNR];
-  for (int v = 0; v < 4; ++v) _mm256_store_ps(out + v * 8, y[v]);
-  float* yr = a.y + mi * a.ldy;
-  for (int slot = 0; slot < kNR; ++slot) {
-    const int64_t row = t * kNR + row_of_slot(slot);
-    if (row < ps.n) yr[row] = out[slot];
+  for (int u = 0; u < NT; ++u) {
+    alignas(32) float out[kNR];
+    for (int v = 0; v < 4; ++v) _mm256_store_ps(out + v * 8, y[u][v]);
+    float* yr = a.y + (mi + u) * a.ldy;
+    for (int slot = 0; slot < kNR; ++slot) {
+      const int64_t row = t * kNR + row_of_slot(slot);
+      if (row < ps.n) yr[row] = out[slot];
+    }
   }
 }
 
 template <int B, bool EXACT>
 void run(const GemmArgs& a, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
-  // tile-major: a tile's weights stay in L1/L2 while every token of the range uses them
-  for (int64_t t = t0; t < t1; ++t)
-    for (int64_t mi = m0; mi < m1; ++mi) tile_token<B, EXACT>(a, t, mi);
+  // tile-major: a tile's weights stay in L1/L2 while every token of the range uses them;
+  // tokens go NT at a time so each weight vector is split once per NT lookups
+  constexpr int NT = EXACT ? 2 : 4;
+  for (int64_t t = t0; t < t1; ++t) {
+    int64_t mi = m0;
+    for (; mi + NT <= m1; mi += NT) tile_tokens<B, EXACT, NT>(a, t, mi);
+    for (; mi < m1; ++mi) tile_tokens<B, EXACT, 1>(a, t, mi);
+  }
 }
 
 }  // namespace
