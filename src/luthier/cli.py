@@ -220,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gen-tokens", "-g", type=int, default=128)
     _common(b)
     b.set_defaults(fn=cmd_bench)
+
+    from .server import add_serve_parser
+
+    add_serve_parser(sub)
     return p
 
 

@@ -1,0 +1,193 @@
+"""`luthier serve`: an OpenAI-compatible HTTP server (Starlette on uvicorn).
+
+Endpoints (each also without the /v1 prefix, as llama.cpp's server answers):
+
+    GET  /health                 {"status": "ok", "model", "busy", "queued", "max_queue"} (no key needed)
+    GET  /v1/models              the served model; its id is the file name without .gguf
+    POST /v1/completions         prompt: string | [string] | [token id] | [[token id]]
+    POST /v1/chat/completions    messages through the model's (sandboxed) chat template
+    POST /tokenize               {"content": str, "add_special": bool} or {"messages": [...]}
+                                 -> {"tokens", "count", "max_model_len"}
+    POST /detokenize             {"tokens": [int]} -> {"content": str}
+
+Decisions where the OpenAI API leaves room:
+
+- model: the served id or "default"; a request without one gets the served model;
+  any other name is 404 model_not_found.
+- max_tokens (or max_completion_tokens): 0..ctx, else 400; a budget past the end of the
+  context is cut there (finish_reason "length"). Defaults: 16 for completions (as OpenAI),
+  the rest of the context for chat.
+- temperature 0..2 (default 1, as OpenAI; below 1e-5 it is greedy), top_p (0, 1], top_k >= 0 (-1 = off), min_p
+  [0, 1], repetition_penalty (0, 10] (CTRL-style, prompt and output tokens),
+  frequency_penalty / presence_penalty [-2, 2] applied as OpenAI defines them (on
+  generated tokens' counts, before the other samplers), logit_bias {id: -100..100}.
+- logprobs (completions: int 0..20; chat: logprobs + top_logprobs 0..20) are of the
+  model's raw distribution (log-softmax of the logits, before temperature and penalties).
+  echo + logprobs scores the prompt with one full forward keeping every position's
+  logits (what lm-eval's local-completions needs, with max_tokens 0 or 1); the first
+  prompt token has logprob null.
+- n and best_of must be 1; suffix, tools/functions and response_format other than text
+  are 400; unknown fields are ignored.
+- Security: loopback by default; --api-key checks `Authorization: Bearer KEY` (constant
+  time) on everything but /health; bodies over 1 MiB get 413; NaN/Infinity and lone
+  surrogates are invalid JSON; every error is {"error": {"message", "type", "param",
+  "code"}}, 4xx for client input.
+
+One thread owns the model and runs requests one at a time from a bounded queue (full:
+503 with Retry-After); the HTTP loop never waits on it, and a client that disconnects
+cancels its request between two tokens. Requests are not yet decoded together
+(continuous batching is not implemented).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import threading
+
+DEFAULT_MAX_QUEUE = 64
+
+
+def make_app(lm, model_id: str | None = None, api_key: str | None = None,
+             max_queue: int = DEFAULT_MAX_QUEUE, **kw):
+    """The ASGI app serving a LoadedModel (see server_app.make_app)."""
+    from .server_app import make_app as _make_app
+
+    return _make_app(lm, model_id=model_id, api_key=api_key, max_queue=max_queue, **kw)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host.strip("[]"), port))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _uvicorn_server(app, log_level: str):
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5,
+                            h11_max_incomplete_event_size=64 * 1024)
+    return uvicorn.Server(config)
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve(lm, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          on_ready=None, **app_kw) -> None:
+    """Serve until interrupted (Ctrl-C). on_ready(url) is called once listening."""
+    sock = _bind(host, port)
+    server = _uvicorn_server(make_app(lm, **app_kw), log_level)
+    if on_ready is not None:
+        on_ready(_url(sock))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+class BackgroundServer:
+    """The server in a thread of this process, on an ephemeral loopback port by default:
+    for tests, benchmarks and notebooks.
+
+        with BackgroundServer(lm, api_key="k") as s:
+            openai.OpenAI(base_url=s.url + "/v1", api_key="k")
+    """
+
+    def __init__(self, lm, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning", **app_kw):
+        self.app = make_app(lm, **app_kw)
+        self.server_state = self.app.state.server
+        self._sock = _bind(host, port)
+        self.url = _url(self._sock)
+        self._server = _uvicorn_server(self.app, log_level)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
+                                        name="luthier-http", daemon=True)
+
+    @property
+    def worker(self):
+        return self.server_state.worker
+
+    def start(self, timeout: float = 30.0) -> BackgroundServer:
+        self._thread.start()
+        self._server_started(timeout)
+        return self
+
+    def _server_started(self, timeout: float) -> None:
+        import time
+
+        t0 = time.monotonic()
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() - t0 > timeout:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+        self._sock.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    from .cli import _common
+
+    s = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server: luthier serve [MODEL]")
+    s.add_argument("model", nargs="?")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one)")
+    s.add_argument("--api-key", default=os.environ.get("LUTHIER_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' (default: $LUTHIER_API_KEY; none: open)")
+    s.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help="requests held at once, waiting or running; more get 503")
+    s.add_argument("--model-id", default=None, help="the model's id in the API (default: the file name)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _common(s)
+    s.set_defaults(fn=cmd_serve)
+    return s
+
+
+def cmd_serve(a) -> int:
+    from .cli import _load
+
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        print("luthier serve needs starlette and uvicorn: pip install starlette uvicorn", file=sys.stderr)
+        return 1
+    if a.max_queue < 1:
+        raise ValueError(f"--max-queue must be >= 1, got {a.max_queue}")
+    if not 0 <= a.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {a.port}")
+    if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
+        print(f"luthier: warning: listening on {a.host} without --api-key: anyone who can reach "
+              "this address can use the model", file=sys.stderr)
+    lm = _load(a)
+
+    def ready(url: str) -> None:
+        print(f"luthier: serving {os.path.basename(lm.path)} (bits {a.bits}, ctx {lm.extra.get('ctx')}, "
+              f"{lm.n_threads} threads) at {url}/v1", file=sys.stderr, flush=True)
+
+    try:
+        serve(lm, a.host, a.port, log_level=a.log_level, on_ready=ready, model_id=a.model_id,
+              api_key=a.api_key, max_queue=a.max_queue)
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises the signal
+        pass
+    print("luthier: server stopped", file=sys.stderr)
+    return 0

@@ -1,0 +1,391 @@
+"""The HTTP side of the server: a Starlette app speaking the OpenAI API.
+
+The event loop only parses, checks, tokenizes (in a thread) and streams; the model runs
+on server_worker's thread. Errors are always {"error": {...}} with a 4xx for anything the
+client sent wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import os
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from . import __version__
+from .server_protocol import (MAX_BODY_BYTES, APIError, GenParams, chat_logprobs, check_model,
+                              check_strings, completion_logprobs, error_body, parse_chat,
+                              parse_completion, usage)
+from .server_worker import Delta, GenJob, JobFailed, Worker
+
+BODY_TIMEOUT_S = 60.0  # a client that never finishes sending its body gets 408
+POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def json_response(obj: Any, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(dumps(obj), status, headers, media_type="application/json")
+
+
+def error_response(e: APIError) -> Response:
+    return json_response(e.body(), e.status, e.headers)
+
+
+def served_model_id(lm) -> str:
+    name = os.path.basename(os.path.normpath(lm.path))
+    return name[: -len(".gguf")] if name.endswith(".gguf") else name
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class Server:
+    """State shared by the endpoints: the model's worker, its id, the limits."""
+
+    def __init__(self, lm, model_id: str | None, api_key: str | None, max_queue: int,
+                 max_body_bytes: int):
+        self.lm, self.tok = lm, lm.tokenizer
+        self.model_id = model_id or served_model_id(lm)
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+        self.n_ctx = int(lm.extra.get("ctx") or lm.args.max_seq_len)
+        self.worker = Worker(lm, max_queue)
+        self.created = int(time.time())
+        self.fingerprint = f"luthier-{__version__}-b{lm.quant.bits}g{lm.quant.group_size}"
+
+    # ------------------------------------------------------------------ plumbing
+
+    def check_auth(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        got = request.headers.get("authorization", "")
+        scheme, _, key = got.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
+                           code="invalid_api_key")
+
+    async def read_json(self, request: Request) -> dict:
+        limit = self.max_body_bytes
+        cl = request.headers.get("content-length")
+        if cl is not None and (not cl.isdigit() or int(cl) > limit):
+            raise APIError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
+        parts, n = [], 0
+
+        async def read() -> None:
+            nonlocal n
+            async for part in request.stream():
+                n += len(part)
+                if n > limit:
+                    raise APIError(413, f"the request body exceeds {limit} bytes",
+                                   code="request_too_large")
+                parts.append(part)
+
+        try:
+            await asyncio.wait_for(read(), BODY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise APIError(408, "the request body did not arrive in time", code="timeout") from None
+        except ClientDisconnect:
+            raise APIError(400, "the client disconnected while sending the body") from None
+        try:
+            body = json.loads(b"".join(parts), parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            raise APIError(400, f"the body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the body must be a JSON object", code="invalid_json")
+        check_strings(body)
+        return body
+
+    def context_check(self, ids: list[int], max_tokens: int | None, echo: bool, param: str) -> int:
+        """The tokens this prompt may generate; 400 when the prompt does not fit."""
+        n = len(ids)
+        if n == 0:
+            raise APIError(400, "the prompt is empty (no tokens)", param=param)
+        room = self.n_ctx - n
+        if room <= 0 and not (room == 0 and max_tokens == 0 and echo):
+            raise APIError(400, f"the prompt has {n} tokens; the context holds {self.n_ctx} "
+                                "(prompt and completion together)",
+                           param=param,
+                           code="context_length_exceeded")
+        return room if max_tokens is None else min(max_tokens, room)
+
+    async def tokenize(self, fn, *args) -> Any:
+        """Tokenizer or chat-template work in a thread; its ValueErrors are the client's."""
+        try:
+            return await run_in_threadpool(fn, *args)
+        except (ValueError, TypeError, UnicodeError, RecursionError) as e:
+            raise APIError(400, f"{type(e).__name__}: {str(e)[:500]}") from None
+
+    def submit(self, prompts: list[list[int]], p: GenParams, max_tokens: list[int],
+               echo_texts: list[str] | None) -> GenJob:
+        job = GenJob(prompts, p, max_tokens, echo_texts, asyncio.get_running_loop())
+        self.worker.submit(job)
+        return job
+
+    async def events(self, job: GenJob, request: Request | None) -> AsyncIterator[Delta]:
+        """The job's Deltas until it ends; cancels it if the consumer stops early or
+        (request given) the client disconnects while it waits."""
+        finished = False
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(job.events.get(), POLL_S)
+                except asyncio.TimeoutError:
+                    ev = False
+                if request is not None and loop.time() - checked >= POLL_S:
+                    checked = loop.time()
+                    if await request.is_disconnected():
+                        return
+                if ev is False:
+                    continue
+                if ev is None:
+                    finished = True
+                    return
+                if isinstance(ev, JobFailed):
+                    raise APIError(500, ev.message, "server_error", code="internal_error")
+                yield ev
+        finally:
+            if not finished:
+                self.worker.cancel(job)
+
+    # ------------------------------------------------------------------ endpoints
+
+    async def models(self, request: Request) -> Response:
+        self.check_auth(request)
+        card = {"id": self.model_id, "object": "model", "created": self.created,
+                "owned_by": "luthier", "max_model_len": self.n_ctx}
+        if "model_id" in request.path_params:
+            if request.path_params["model_id"] not in (self.model_id, "default"):
+                raise APIError(404, "no such model", param="model", code="model_not_found")
+            return json_response(card)
+        return json_response({"object": "list", "data": [card]})
+
+    async def health(self, request: Request) -> Response:
+        w = self.worker
+        return json_response({"status": "ok", "model": self.model_id, "busy": w.busy,
+                              "queued": w.queued, "max_queue": w.max_queue})
+
+    async def tokenize_endpoint(self, request: Request) -> Response:
+        self.check_auth(request)
+        body = await self.read_json(request)
+        add_special = body.get("add_special", body.get("add_special_tokens", True))
+        if not isinstance(add_special, bool):
+            raise APIError(400, "'add_special' must be a boolean", param="add_special")
+        if "messages" in body:
+            req = parse_chat({"messages": body["messages"]}, self.tok.vocab_size, self.n_ctx)
+            ids = await self.tokenize(self.tok.encode_chat, req.messages)
+        else:
+            text = body.get("content", body.get("prompt"))
+            if not isinstance(text, str):
+                raise APIError(400, "'content' must be a string", param="content", code="invalid_type")
+            ids = await self.tokenize(lambda: self.tok.encode(text, add_bos=None if add_special else False))
+        return json_response({"tokens": ids, "count": len(ids), "max_model_len": self.n_ctx})
+
+    async def detokenize_endpoint(self, request: Request) -> Response:
+        self.check_auth(request)
+        body = await self.read_json(request)
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise APIError(400, "'tokens' must be an array of token ids", param="tokens", code="invalid_type")
+        text = await self.tokenize(self.tok.decode, ids)
+        return json_response({"content": text})
+
+    async def completions(self, request: Request) -> Response:
+        self.check_auth(request)
+        body = await self.read_json(request)
+        check_model(body, self.model_id)
+        req = parse_completion(body, self.tok.vocab_size, self.n_ctx)
+        p = req.params
+        self.worker.check_capacity()  # before tokenizing: a flood is turned away cheaply
+
+        def encode_all() -> tuple[list[list[int]], list[str]]:
+            ids = [self.tok.encode(x) if isinstance(x, str) else list(x) for x in req.prompts]
+            texts = [x if isinstance(x, str) else self.tok.decode(x) for x in req.prompts] if p.echo else []
+            return ids, texts
+
+        prompts, texts = await self.tokenize(encode_all)
+        budgets = [self.context_check(ids, p.max_tokens, p.echo, "prompt") for ids in prompts]
+        job = self.submit(prompts, p, budgets, texts or None)
+        cid = f"cmpl-{uuid.uuid4().hex}"
+        if p.stream:
+            return self.sse(self.completion_chunks(job, cid, p, [len(x) for x in prompts]))
+        choices = [{"index": i, "text": "", "logprobs": None, "finish_reason": None}
+                   for i in range(len(prompts))]
+        ptoks = ctoks = 0
+        async for d in self.events(job, request):
+            c = choices[d.index]
+            if p.logprobs is not None and d.tokens:
+                lp = completion_logprobs(self.tok, d.tokens, len(c["text"]))
+                if c["logprobs"] is None:
+                    c["logprobs"] = lp
+                else:
+                    for k in lp:
+                        c["logprobs"][k] += lp[k]
+            c["text"] += d.text
+            if d.finish_reason:
+                c["finish_reason"] = d.finish_reason
+                ptoks += len(prompts[d.index])
+                ctoks += d.completion_tokens
+        for c in choices:
+            if p.logprobs is not None and c["logprobs"] is None:
+                c["logprobs"] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        return json_response({"id": cid, "object": "text_completion", "created": int(time.time()),
+                              "model": self.model_id, "system_fingerprint": self.fingerprint,
+                              "choices": choices, "usage": usage(ptoks, ctoks)})
+
+    async def completion_chunks(self, job: GenJob, cid: str, p: GenParams,
+                                n_prompt: list[int]) -> AsyncIterator[dict]:
+        created = int(time.time())
+        offsets = [0] * len(n_prompt)
+        ptoks = ctoks = 0
+        async for d in self.events(job, None):
+            lp = None
+            if p.logprobs is not None:
+                lp = completion_logprobs(self.tok, d.tokens, offsets[d.index])
+            offsets[d.index] += len(d.text)
+            if d.finish_reason:
+                ptoks += n_prompt[d.index]
+                ctoks += d.completion_tokens
+            chunk = {"id": cid, "object": "text_completion", "created": created, "model": self.model_id,
+                     "system_fingerprint": self.fingerprint,
+                     "choices": [{"index": d.index, "text": d.text, "logprobs": lp,
+                                  "finish_reason": d.finish_reason}]}
+            if p.include_usage:
+                chunk["usage"] = None
+            yield chunk
+        if p.include_usage:
+            yield {"id": cid, "object": "text_completion", "created": created, "model": self.model_id,
+                   "system_fingerprint": self.fingerprint, "choices": [], "usage": usage(ptoks, ctoks)}
+
+    async def chat(self, request: Request) -> Response:
+        self.check_auth(request)
+        body = await self.read_json(request)
+        check_model(body, self.model_id)
+        req = parse_chat(body, self.tok.vocab_size, self.n_ctx)
+        p = req.params
+        self.worker.check_capacity()  # before tokenizing: a flood is turned away cheaply
+        ids = await self.tokenize(self.tok.encode_chat, req.messages)
+        budget = self.context_check(ids, p.max_tokens, False, "messages")
+        job = self.submit([ids], p, [budget], None)
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        if p.stream:
+            return self.sse(self.chat_chunks(job, cid, p, len(ids)))
+        text, infos, finish, ctoks = [], [], None, 0
+        async for d in self.events(job, request):
+            text.append(d.text)
+            infos += d.tokens
+            if d.finish_reason:
+                finish, ctoks = d.finish_reason, d.completion_tokens
+        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                  "logprobs": chat_logprobs(self.tok, infos) if p.logprobs is not None else None,
+                  "finish_reason": finish}
+        return json_response({"id": cid, "object": "chat.completion", "created": int(time.time()),
+                              "model": self.model_id, "system_fingerprint": self.fingerprint,
+                              "choices": [choice], "usage": usage(len(ids), ctoks)})
+
+    async def chat_chunks(self, job: GenJob, cid: str, p: GenParams, n_prompt: int) -> AsyncIterator[dict]:
+        created = int(time.time())
+
+        def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
+            c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_id,
+                 "system_fingerprint": self.fingerprint,
+                 "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+            if p.include_usage:
+                c["usage"] = None
+            return c
+
+        yield chunk({"role": "assistant", "content": ""})
+        ctoks = 0
+        async for d in self.events(job, None):
+            lp = chat_logprobs(self.tok, d.tokens) if p.logprobs is not None else None
+            if d.text or d.tokens:
+                yield chunk({"content": d.text}, None, lp)
+            if d.finish_reason:
+                ctoks = d.completion_tokens
+                yield chunk({}, d.finish_reason)
+        if p.include_usage:
+            yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_id,
+                   "system_fingerprint": self.fingerprint, "choices": [], "usage": usage(n_prompt, ctoks)}
+
+    def sse(self, chunks: AsyncIterator[dict]) -> StreamingResponse:
+        async def body() -> AsyncIterator[str]:
+            # If the client disconnects, Starlette cancels this generator; `events`'s
+            # finally then cancels the job on the model thread.
+            try:
+                async for c in chunks:
+                    yield f"data: {dumps(c)}\n\n"
+            except APIError as e:  # the model thread failed after the headers went out
+                yield f"data: {dumps(e.body())}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _endpoint(fn):
+    async def handler(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except APIError as e:
+            return error_response(e)
+
+    return handler
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        msg = f"{request.method} {request.url.path}: {exc.detail}"
+        return json_response(error_body(msg, code=code), exc.status_code)
+    return json_response(error_body("internal server error", "server_error", code="internal_error"), 500)
+
+
+def make_app(lm, model_id: str | None = None, api_key: str | None = None, max_queue: int = 64,
+             max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
+    """The ASGI app serving `lm`. Its model thread starts and stops with the app's
+    lifespan; `app.state.server` holds the Server (and `.worker`)."""
+    if max_queue < 1:
+        raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+    srv = Server(lm, model_id, api_key, max_queue, max_body_bytes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        srv.worker.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(srv.worker.stop)
+
+    routes = []
+    for path, fn, methods in (
+        ("/health", srv.health, ["GET"]),
+        ("/v1/models", srv.models, ["GET"]),
+        ("/v1/models/{model_id:path}", srv.models, ["GET"]),
+        ("/v1/completions", srv.completions, ["POST"]),
+        ("/v1/chat/completions", srv.chat, ["POST"]),
+        ("/tokenize", srv.tokenize_endpoint, ["POST"]),
+        ("/detokenize", srv.detokenize_endpoint, ["POST"]),
+    ):
+        routes.append(Route(path, _endpoint(fn), methods=methods))
+        if path.startswith("/v1/"):  # llama.cpp's server also answers without /v1
+            routes.append(Route(path[3:], _endpoint(fn), methods=methods))
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: _http_error, Exception: _http_error})
+    app.state.server = srv
+    return app
