@@ -12,6 +12,7 @@
 // EXACT mode does 2-4 twice: low bytes (u8 operand) and high bytes (added << 8).
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "lut_gemm.h"
@@ -96,39 +97,45 @@ void tile_tokens(const GemmArgs& a, int64_t t, int64_t mi) {
         // the weight stream is the only thing that should touch memory: fetch ahead
         _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch), _MM_HINT_NTA);
         if (kPairBytes > 64) _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch + 64), _MM_HINT_NTA);
-        // step 1: load and split every plane vector of the pair once
-        constexpr int kVec = B;  // 32-byte vectors per pair
-        __m256i lo[kVec], hi[kVec];
-        for (int q = 0; q < kVec; ++q) {
+        // vector q of the pair: which weights and which half-tile accumulator it feeds
+        auto vec_weights = [&](int q, bool second) {
+          if ((B & 1) && q == B - 1) return second ? co : ce;  // last odd plane
+          return q < 2 ? cw01 : cw23;
+        };
+        // step 1: load and split each plane vector once; steps 2-3 for every token
+        for (int q = 0; q < B; ++q) {
           const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32 * q));
-          lo[q] = _mm256_and_si256(wv, m4);
-          hi[q] = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m4);
-        }
-        for (int u = 0; u < NT; ++u) {
-          const uint8_t* tj = tab[u] + tg + size_t(2 * p) * kTb;  // kgroups 2p and 2p+1
-          const __m256i t0 = bcast_table(tj), t1 = bcast_table(tj + kTb);
-          __m256i h0, h1;
-          if (EXACT) h0 = bcast_table(tj + 16), h1 = bcast_table(tj + kTb + 16);
-          // steps 2-3 for plane vector q into (acc, acch) with weights cw
-          auto plane_vec = [&](int q, __m256i cw, __m256i& acc, __m256i& acch) {
+          const __m256i lo = _mm256_and_si256(wv, m4);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m4);
+          const bool odd_plane = (B & 1) && q == B - 1;
+          for (int u = 0; u < NT; ++u) {
+            const uint8_t* tj = tab[u] + tg + size_t(2 * p) * kTb;  // kgroups 2p and 2p+1
+            const __m256i l0 = _mm256_shuffle_epi8(bcast_table(tj), lo);
+            const __m256i l1 = _mm256_shuffle_epi8(bcast_table(tj + kTb), hi);
+            __m256i h0, h1;
             if (EXACT) {
-              acc = madd<true>(acc, cw, _mm256_shuffle_epi8(t0, lo[q]), _mm256_shuffle_epi8(t1, hi[q]));
-              acch = madd<false>(acch, cw, _mm256_shuffle_epi8(h0, lo[q]), _mm256_shuffle_epi8(h1, hi[q]));
-            } else {
-              acc = madd<false>(acc, cw, _mm256_shuffle_epi8(t0, lo[q]), _mm256_shuffle_epi8(t1, hi[q]));
+              h0 = _mm256_shuffle_epi8(bcast_table(tj + 16), lo);
+              h1 = _mm256_shuffle_epi8(bcast_table(tj + kTb + 16), hi);
             }
-          };
-          if (B >= 2) {
-            plane_vec(0, cw01, A[u], Ah[u]);
-            plane_vec(1, cw01, Bv[u], Bh[u]);
-          }
-          if (B >= 4) {
-            plane_vec(2, cw23, A[u], Ah[u]);
-            plane_vec(3, cw23, Bv[u], Bh[u]);
-          }
-          if (B & 1) {  // last odd plane: one vector feeds both halves
-            plane_vec((B - 1) / 2 * 2, ce, A[u], Ah[u]);
-            plane_vec((B - 1) / 2 * 2, co, Bv[u], Bh[u]);
+            // pairs: even q -> rows 0-15 (A), odd q -> rows 16-31 (B); the odd plane feeds both
+            if (odd_plane || q % 2 == 0) {
+              const __m256i cw = vec_weights(q, false);
+              if (EXACT) {
+                A[u] = madd<true>(A[u], cw, l0, l1);
+                Ah[u] = madd<false>(Ah[u], cw, h0, h1);
+              } else {
+                A[u] = madd<false>(A[u], cw, l0, l1);
+              }
+            }
+            if (odd_plane || q % 2 == 1) {
+              const __m256i cw = vec_weights(q, true);
+              if (EXACT) {
+                Bv[u] = madd<true>(Bv[u], cw, l0, l1);
+                Bh[u] = madd<false>(Bh[u], cw, h0, h1);
+              } else {
+                Bv[u] = madd<false>(Bv[u], cw, l0, l1);
+              }
+            }
           }
         }
       }
@@ -178,13 +185,20 @@ void tile_tokens(const GemmArgs& a, int64_t t, int64_t mi) {
 
 template <int B, bool EXACT>
 void run(const GemmArgs& a, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
-  // tile-major: a tile's weights stay in L1/L2 while every token of the range uses them;
-  // tokens go NT at a time so each weight vector is split once per NT lookups
+  // Blocks of tokens whose tables fit in L2 (a token's tables are k * 4 or k * 8 bytes);
+  // within a block, tile-major so a tile's weights stay in L1 while every token uses them;
+  // tokens go NT at a time so each weight vector is split once per NT lookups.
   constexpr int NT = EXACT ? 2 : 4;
-  for (int64_t t = t0; t < t1; ++t) {
-    int64_t mi = m0;
-    for (; mi + NT <= m1; mi += NT) tile_tokens<B, EXACT, NT>(a, t, mi);
-    for (; mi < m1; ++mi) tile_tokens<B, EXACT, 1>(a, t, mi);
+  constexpr size_t kL2Tables = 192 * 1024;
+  const size_t bpt = a.ts->bytes_per_token();
+  const int64_t mb = std::max<int64_t>(NT, int64_t(kL2Tables / bpt) / NT * NT);
+  for (int64_t b0 = m0; b0 < m1; b0 += mb) {
+    const int64_t b1 = std::min(m1, b0 + mb);
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t mi = b0;
+      for (; mi + NT <= b1; mi += NT) tile_tokens<B, EXACT, NT>(a, t, mi);
+      for (; mi < b1; ++mi) tile_tokens<B, EXACT, 1>(a, t, mi);
+    }
   }
 }
 
