@@ -167,6 +167,16 @@ void bind_runtime(nb::module_& m) {
              self.dec->forward(t, m, pos, out, all_logits);
            }, nb::arg("tokens").noconvert(), nb::arg("pos"), nb::arg("logits").noconvert(), nb::arg("all_logits") = false)
       .def("reset", [](PyDecoder& self) { self.dec->reset_cache(); })
+      .def("profile", [](PyDecoder& self, bool clear) {
+             double* p = self.dec->prof_ns;
+             nb::dict d;
+             d["forward_ns"] = p[0];
+             d["linear_ns"] = p[1];
+             d["attention_ns"] = p[2];
+             d["other_ns"] = p[3];
+             if (clear) for (int i = 0; i < 4; ++i) p[i] = 0;
+             return d;
+           }, nb::arg("clear") = false, "native time per phase, summed over forward calls")
       .def_prop_ro("length", [](PyDecoder& self) { return self.dec->length(); })
       .def_prop_ro("ctx", [](PyDecoder& self) { return self.dec->cfg.ctx; })
       .def_prop_rw("n_threads", [](PyDecoder& self) { return self.dec->n_threads; },

@@ -1,7 +1,10 @@
 // decoder.cpp: see decoder.h. Each step mirrors models/transformer.py.
 #include "decoder.h"
 
+#include "vec_ops.h"
+
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -11,24 +14,23 @@
 namespace luthier {
 namespace {
 
-void rms_norm_rows(const float* x, int64_t m, int64_t d, const float* w, float eps, float* out) {
-  for (int64_t i = 0; i < m; ++i) {
-    const float* xr = x + i * d;  // row i of [m, d]
-    float ss = 0.f;
-    for (int64_t j = 0; j < d; ++j) ss += xr[j] * xr[j];
-    const float r = 1.f / std::sqrt(ss / float(d) + eps);
-    for (int64_t j = 0; j < d; ++j) out[i * d + j] = xr[j] * r * w[j];
-  }
+using Clock = std::chrono::steady_clock;
+inline double ns_since(Clock::time_point t0) {
+  return std::chrono::duration<double, std::nano>(Clock::now() - t0).count();
 }
 
-// RoPE in place on x [m, heads, head_dim] at positions pos + i.
-void rope(float* x, int64_t m, int64_t heads, int64_t hd, int64_t n_rot, const float* inv_freq,
-          int64_t pos, bool neox) {
+void rms_norm_rows(const float* x, int64_t m, int64_t d, const float* w, float eps, float* out) {
+  for (int64_t i = 0; i < m; ++i) rms_norm_row(x + i * d, d, w, eps, out + i * d);  // row i of [m, d]
+}
+
+// RoPE in place on x [m, heads, head_dim] at positions pos + i; cs holds cos, sin
+// interleaved per (token, j): [m, half, 2], computed once per forward for each base.
+void rope(float* x, int64_t m, int64_t heads, int64_t hd, int64_t n_rot, const float* cs,
+          bool neox) {
   const int64_t half = n_rot / 2;
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t j = 0; j < half; ++j) {
-      const double a = double(pos + i) * double(inv_freq[j]);
-      const float c = float(std::cos(a)), s = float(std::sin(a));
+      const float c = cs[(i * half + j) * 2], s = cs[(i * half + j) * 2 + 1];
       for (int64_t h = 0; h < heads; ++h) {
         float* v = x + (i * heads + h) * hd;  // [m, heads, hd] -> head vector
         float* p1 = neox ? v + j : v + 2 * j;
@@ -41,10 +43,16 @@ void rope(float* x, int64_t m, int64_t heads, int64_t hd, int64_t n_rot, const f
   }
 }
 
-inline float gelu_tanh(float x) {
-  return 0.5f * x * (1.f + std::tanh(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+// cos/sin of (pos + i) * inv_freq[j] in double, as the numpy model does: [m, half, 2]
+void rope_table(const float* inv_freq, int64_t half, int64_t m, int64_t pos, std::vector<float>& cs) {
+  cs.resize(size_t(m * half * 2));
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < half; ++j) {
+      const double a = double(pos + i) * double(inv_freq[j]);
+      cs[size_t((i * half + j) * 2)] = float(std::cos(a));
+      cs[size_t((i * half + j) * 2 + 1)] = float(std::sin(a));
+    }
 }
-inline float silu(float x) { return x * (0.5f + 0.5f * std::tanh(0.5f * x)); }
 
 }  // namespace
 
@@ -59,6 +67,12 @@ Decoder::Decoder(const DecoderConfig& c, int threads) : cfg(c), n_threads(thread
 }
 
 void Decoder::linear(const Linear& w, const float* x, int64_t m, float* y, const float* norm_w) {
+  const auto t0 = Clock::now();
+  linear_impl(w, x, m, y, norm_w);
+  prof_ns[1] += ns_since(t0);
+}
+
+void Decoder::linear_impl(const Linear& w, const float* x, int64_t m, float* y, const float* norm_w) {
   if (w.is_lut) {
     lut_linear(w.lut, cfg.mode, x, m, norm_w, cfg.norm_eps, y, n_threads, "");
     return;
@@ -97,10 +111,18 @@ void Decoder::linears(const Linear* const* ws, float* const* ys, int count, cons
   }
   PackedRef refs[kMaxMulti];
   for (int i = 0; i < count; ++i) refs[i] = ws[i]->lut;
+  const auto t0 = Clock::now();
   lut_linear_multi(refs, ys, count, cfg.mode, x, m, norm_w, cfg.norm_eps, n_threads, "");
+  prof_ns[1] += ns_since(t0);
 }
 
 void Decoder::attention(int li, const float* q, int64_t m, int64_t pos, float* out) {
+  const auto t0 = Clock::now();
+  attention_impl(li, q, m, pos, out);
+  prof_ns[2] += ns_since(t0);
+}
+
+void Decoder::attention_impl(int li, const float* q, int64_t m, int64_t pos, float* out) {
   const DecoderConfig& c = cfg;
   const int64_t hd = c.head_dim, group = c.n_heads / c.n_kv_heads;
   const size_t layer_off = size_t(li) * c.ctx * c.n_kv_heads * hd;
@@ -117,30 +139,25 @@ void Decoder::attention(int li, const float* q, int64_t m, int64_t pos, float* o
     const float* qv = q + (i * c.n_heads + h) * hd;  // [m, heads, hd]
     float mx = -INFINITY;
     for (int64_t t = begin; t <= p; ++t) {
-      const float* kv = K + (t * c.n_kv_heads + kvh) * hd;
-      float s = 0.f;
-      for (int64_t j = 0; j < hd; ++j) s += qv[j] * kv[j];
-      s *= scale;
+      const float* kv = K + (t * c.n_kv_heads + kvh) * hd;  // cache [ctx, kv, hd]
+      float s = dot(qv, kv, hd) * scale;
       if (c.attn_softcap > 0.f) s = c.attn_softcap * std::tanh(s / c.attn_softcap);
       sc[size_t(t - begin)] = s;
       mx = std::max(mx, s);
     }
-    float sum = 0.f;
-    for (auto& s : sc) sum += (s = std::exp(s - mx));
-    const float inv = 1.f / sum;
+    const float inv = 1.f / exp_shift_sum(sc.data(), p + 1 - begin, mx);
     float* ov = out + (i * c.n_heads + h) * hd;
     std::fill(ov, ov + hd, 0.f);
-    for (int64_t t = begin; t <= p; ++t) {
-      const float pr = sc[size_t(t - begin)] * inv;
-      const float* vv = V + (t * c.n_kv_heads + kvh) * hd;
-      for (int64_t j = 0; j < hd; ++j) ov[j] += pr * vv[j];
-    }
+    for (int64_t t = begin; t <= p; ++t)
+      axpy(ov, sc[size_t(t - begin)] * inv, V + (t * c.n_kv_heads + kvh) * hd, hd);
   };
   parallel_for(n_threads, m * c.n_heads, fn);
 }
 
 void Decoder::forward(const int32_t* tokens, int64_t m, int64_t pos, float* logits, bool all_logits) {
   const DecoderConfig& c = cfg;
+  const auto t_start = Clock::now();
+  const double inner0 = prof_ns[1] + prof_ns[2];
   if (m <= 0) throw std::invalid_argument("forward needs at least one token");
   if (pos < 0 || pos > length_) throw std::invalid_argument("position past the cached tokens");
   if (pos + m > c.ctx)
@@ -157,6 +174,7 @@ void Decoder::forward(const int32_t* tokens, int64_t m, int64_t pos, float* logi
   o_.resize(size_t(m * d));
   g_.resize(size_t(m * c.ffn_dim));
   u_.resize(size_t(m * c.ffn_dim));
+  rope_src_[0] = rope_src_[1] = nullptr;  // RoPE tables are per forward (positions)
   // 1. embeddings [m, dim]
   for (int64_t i = 0; i < m; ++i) {
     float* xr = x_.data() + i * d;
@@ -182,8 +200,15 @@ void Decoder::forward(const int32_t* tokens, int64_t m, int64_t pos, float* logi
       rms_norm_rows(q_.data(), m * c.n_heads, hd, L.q_norm, c.norm_eps, q_.data());
       rms_norm_rows(k_.data(), m * c.n_kv_heads, hd, L.k_norm, c.norm_eps, k_.data());
     }
-    rope(q_.data(), m, c.n_heads, hd, c.n_rot, L.inv_freq, pos, c.neox);
-    rope(k_.data(), m, c.n_kv_heads, hd, c.n_rot, L.inv_freq, pos, c.neox);
+    // cos/sin per RoPE base (gemma3 has two), computed once per forward
+    if (L.inv_freq != rope_src_[0] && L.inv_freq != rope_src_[1]) {
+      const int slot = rope_src_[0] == nullptr ? 0 : 1;  // a third base would reuse slot 1
+      rope_src_[slot] = L.inv_freq;
+      rope_table(L.inv_freq, c.n_rot / 2, m, pos, rope_cs_[slot]);
+    }
+    const std::vector<float>& csr = L.inv_freq == rope_src_[0] ? rope_cs_[0] : rope_cs_[1];
+    rope(q_.data(), m, c.n_heads, hd, c.n_rot, csr.data(), c.neox);
+    rope(k_.data(), m, c.n_kv_heads, hd, c.n_rot, csr.data(), c.neox);
     // cache walk: [layer li][position pos + i][kv, hd]
     const size_t off = (size_t(li) * c.ctx + pos) * nkv;
     std::memcpy(kc_.data() + off, k_.data(), sizeof(float) * m * nkv);
@@ -199,8 +224,11 @@ void Decoder::forward(const int32_t* tokens, int64_t m, int64_t pos, float* logi
       float* ys[2] = {g_.data(), u_.data()};
       linears(ws, ys, 2, x_.data(), m, L.ffn_norm);
     }
-    for (int64_t i = 0; i < m * c.ffn_dim; ++i)
-      g_[size_t(i)] = (c.gelu ? gelu_tanh(g_[size_t(i)]) : silu(g_[size_t(i)])) * u_[size_t(i)];
+    if (c.gelu) {
+      gelu_mul(g_.data(), u_.data(), m * c.ffn_dim);
+    } else {
+      silu_mul(g_.data(), u_.data(), m * c.ffn_dim);
+    }
     linear(L.down, g_.data(), m, o_.data(), nullptr);
     if (L.post_ffn_norm) rms_norm_rows(o_.data(), m, d, L.post_ffn_norm, c.norm_eps, o_.data());
     for (int64_t i = 0; i < m * d; ++i) x_[size_t(i)] += o_[size_t(i)];
@@ -212,6 +240,9 @@ void Decoder::forward(const int32_t* tokens, int64_t m, int64_t pos, float* logi
   if (c.final_softcap > 0.f)
     for (int64_t i = 0; i < rows * c.vocab; ++i)
       logits[i] = c.final_softcap * std::tanh(logits[i] / c.final_softcap);
+  const double total = ns_since(t_start);
+  prof_ns[0] += total;
+  prof_ns[3] += total - (prof_ns[1] + prof_ns[2] - inner0);
 }
 
 }  // namespace luthier

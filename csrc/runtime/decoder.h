@@ -58,6 +58,9 @@ class Decoder {
   // all m when all_logits) into `logits` [1 or m, vocab]. Throws on a full cache.
   void forward(const int32_t* tokens, int64_t m, int64_t pos, float* logits, bool all_logits);
   void reset_cache() { length_ = 0; }
+  // nanoseconds spent, summed over calls: [0] whole forward, [1] linear layers (tables +
+  // LUT matmul), [2] attention, [3] the rest (norms, RoPE, activations, residuals)
+  double prof_ns[4] = {0, 0, 0, 0};
   int64_t length() const { return length_; }
 
  private:
@@ -65,10 +68,14 @@ class Decoder {
   void linears(const Linear* const* ws, float* const* ys, int count, const float* x, int64_t m,
                const float* norm_w);
   void attention(int layer, const float* q, int64_t m, int64_t pos, float* out);
+  void linear_impl(const Linear& w, const float* x, int64_t m, float* y, const float* norm_w);
+  void attention_impl(int layer, const float* q, int64_t m, int64_t pos, float* out);
   std::vector<float> kc_, vc_;  // KV cache
   int64_t length_ = 0;
   // scratch, grown to the largest m seen: no allocation per decode step after the first
   std::vector<float> x_, h_, q_, k_, v_, att_, o_, g_, u_, sc_;
+  const float* rope_src_[2] = {nullptr, nullptr};  // inv_freq the tables below were made for
+  std::vector<float> rope_cs_[2];
 };
 
 }  // namespace luthier

@@ -1,0 +1,87 @@
+// vec_ops.cpp: see vec_ops.h. Eight partial sums make the reductions vectorizable
+// without -ffast-math (the summation order is fixed, so results are deterministic).
+#include "vec_ops.h"
+
+#include <cmath>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LUTHIER_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define LUTHIER_CLONES
+#endif
+
+namespace luthier {
+namespace {
+
+// exp(x) for x <= 0 (softmax after the max shift; activations clamp): 2^n * p(r),
+// r = x - n ln2 in [-ln2/2, ln2/2], degree-6 polynomial; branch-free so it vectorizes.
+inline float fast_exp(float x) {
+  x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+  const float n = std::nearbyint(x * 1.4426950408889634f);
+  const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  float p = 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+}  // namespace
+
+LUTHIER_CLONES float dot(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int u = 0; u < 8; ++u) acc[u] += a[i + u] * b[i + u];
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+LUTHIER_CLONES void axpy(float* y, float a, const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+LUTHIER_CLONES float exp_shift_sum(float* x, int64_t n, float mx) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int u = 0; u < 8; ++u) acc[u] += (x[i + u] = fast_exp(x[i + u] - mx));
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < n; ++i) s += (x[i] = fast_exp(x[i] - mx));
+  return s;
+}
+
+LUTHIER_CLONES void silu_mul(float* g, const float* u, int64_t n) {
+  // silu(x) = x / (1 + exp(-x)); exp of -|x| keeps fast_exp in range, then flip for x < 0
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = g[i];
+    const float e = fast_exp(-std::fabs(x));
+    const float sig = x >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+    g[i] = x * sig * u[i];
+  }
+}
+
+LUTHIER_CLONES void gelu_mul(float* g, const float* u, int64_t n) {
+  // 0.5 x (1 + tanh(z)) = x * sigmoid(2z), z = sqrt(2/pi) (x + 0.044715 x^3)
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = g[i];
+    const float z2 = 2.f * 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    const float e = fast_exp(-std::fabs(z2));
+    const float sig = z2 >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+    g[i] = x * sig * u[i];
+  }
+}
+
+LUTHIER_CLONES void rms_norm_row(const float* x, int64_t d, const float* w, float eps, float* out) {
+  const float r = 1.f / std::sqrt(dot(x, x, d) / float(d) + eps);
+  for (int64_t j = 0; j < d; ++j) out[j] = x[j] * r * w[j];
+}
+
+}  // namespace luthier

@@ -1,0 +1,20 @@
+// vec_ops.h: small float kernels of the decoder (dot products, softmax, activations),
+// written so the compiler vectorizes them; built twice (AVX2+FMA and baseline) with
+// target_clones so one binary runs everywhere.
+#pragma once
+#include <cstdint>
+
+namespace luthier {
+
+float dot(const float* a, const float* b, int64_t n);
+// y += a * x
+void axpy(float* y, float a, const float* x, int64_t n);
+// x[i] = exp(x[i] - mx), returns the sum; exp by range reduction + polynomial (rel. err ~2e-7)
+float exp_shift_sum(float* x, int64_t n, float mx);
+// g[i] = act(g[i]) * u[i], act = silu or gelu (tanh form)
+void silu_mul(float* g, const float* u, int64_t n);
+void gelu_mul(float* g, const float* u, int64_t n);
+// out = x / sqrt(mean(x^2) + eps) * w, one row
+void rms_norm_row(const float* x, int64_t d, const float* w, float eps, float* out);
+
+}  // namespace luthier
