@@ -10,10 +10,14 @@ __version__ = "0.1.0"
 
 from .quant import QTensor, quantize_rtn, quantize_ternary  # noqa: E402
 
-__all__ = ["QTensor", "quantize_rtn", "quantize_ternary", "QLinear", "pack", "__version__"]
+__all__ = ["Llama", "QTensor", "quantize_rtn", "quantize_ternary", "QLinear", "pack", "__version__"]
 
 
 def __getattr__(name: str):
+    if name == "Llama":
+        from .api import Llama
+
+        return Llama
     if name in ("QLinear", "pack", "unpack", "lut_linear", "build_tables", "lut_gemm"):
         from . import kernels
 

@@ -1,0 +1,140 @@
+"""`luthier.Llama`: the Python API, shaped like llama-cpp-python's `Llama`.
+
+    from luthier import Llama
+    llm = Llama(bits=2, group_size=64, n_threads=2)          # default model, or model_path=
+    out = llm("Once upon a time", max_tokens=32)              # OpenAI-shaped completion dict
+    for chunk in llm.create_chat_completion([{"role": "user", "content": "Hi"}], stream=True):
+        print(chunk["choices"][0]["delta"].get("content", ""), end="")
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Iterator, Sequence
+
+from .engine import QuantConfig, load_model, parse_bits
+from .generate import GenerationChunk, generate_stream
+from .sample import Sampler
+
+
+def _usage(stats) -> dict:
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
+            "total_tokens": stats.prompt_tokens + stats.completion_tokens}
+
+
+class Llama:
+    """A quantized model ready to generate. Arguments follow llama-cpp-python where they
+    overlap (model_path, n_ctx, n_threads, seed, verbose); bits / group_size / head_bits /
+    mode choose luthier's quantization of the linear layers."""
+
+    def __init__(self, model_path: str | None = None, *, bits: int | str = 4, group_size: int = 128,
+                 head_bits: int | str = 4, mode: str = "fast", n_ctx: int | None = None,
+                 n_threads: int | None = None, seed: int | None = None, verbose: bool = False):
+        cfg = QuantConfig(bits=parse_bits(bits), group_size=group_size, head_bits=parse_bits(head_bits),
+                          mode=mode)
+        self._lm = load_model(model_path, cfg, n_threads, n_ctx)
+        self.model_path = self._lm.path
+        self.seed = seed
+        self.verbose = verbose
+
+    # -- tokens ---------------------------------------------------------------------------
+    def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        tok = self._lm.tokenizer
+        return tok.encode(text, add_bos=add_bos and tok.add_bos, special=special)
+
+    def detokenize(self, tokens: Sequence[int]) -> bytes:
+        return self._lm.tokenizer.decode_bytes(list(tokens))
+
+    def n_ctx(self) -> int:
+        return int(self._lm.extra["ctx"])
+
+    def n_vocab(self) -> int:
+        return int(self._lm.model.vocab_size)
+
+    @property
+    def stats(self):
+        """Statistics of the last generation (tok/s, GB/s of weights)."""
+        return getattr(self, "_last_stats", None)
+
+    # -- generation ---------------------------------------------------------------------
+    def _sampler(self, temperature, top_p, top_k, min_p, repeat_penalty, seed) -> Sampler:
+        return Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                       repetition_penalty=repeat_penalty, seed=self.seed if seed is None else seed)
+
+    def _stream(self, ids, max_tokens, stop, sampler) -> Iterator[GenerationChunk]:
+        if isinstance(stop, str):
+            stop = [stop]
+        max_tokens = self.n_ctx() - len(ids) if max_tokens is None or max_tokens <= 0 else max_tokens
+        for ch in generate_stream(self._lm, ids, max_tokens, sampler, stop=stop or []):
+            if ch.stats is not None:
+                self._last_stats = ch.stats
+            yield ch
+
+    def create_completion(self, prompt: str, suffix: None = None, max_tokens: int | None = 16,
+                          temperature: float = 0.8, top_p: float = 0.95, min_p: float = 0.05,
+                          echo: bool = False, stop: str | list[str] | None = None,
+                          repeat_penalty: float = 1.0, top_k: int = 40, seed: int | None = None,
+                          stream: bool = False) -> dict | Iterator[dict]:
+        if suffix is not None:
+            raise ValueError("suffix is not supported")
+        ids = self.tokenize(prompt, add_bos=True, special=True)
+        sampler = self._sampler(temperature, top_p, top_k, min_p, repeat_penalty, seed)
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        model = self.model_path
+
+        def chunk(text, finish):
+            return {"id": cid, "object": "text_completion", "created": created, "model": model,
+                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+
+        if stream:
+            def gen() -> Iterator[dict]:
+                if echo:
+                    yield chunk(prompt, None)
+                for ch in self._stream(ids, max_tokens, stop, sampler):
+                    if ch.text or ch.finish_reason:
+                        yield chunk(ch.text, ch.finish_reason)
+            return gen()
+        parts, finish = [], "length"
+        for ch in self._stream(ids, max_tokens, stop, sampler):
+            parts.append(ch.text)
+            finish = ch.finish_reason or finish
+        out = chunk((prompt if echo else "") + "".join(parts), finish)
+        out["usage"] = _usage(self._last_stats)
+        return out
+
+    __call__ = create_completion
+
+    def create_chat_completion(self, messages: list[dict[str, Any]], temperature: float = 0.2,
+                               top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
+                               stop: str | list[str] | None = None, seed: int | None = None,
+                               max_tokens: int | None = None, repeat_penalty: float = 1.0,
+                               stream: bool = False) -> dict | Iterator[dict]:
+        ids = self._lm.tokenizer.encode_chat(messages)
+        sampler = self._sampler(temperature, top_p, top_k, min_p, repeat_penalty, seed)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        model = self.model_path
+
+        def chunk(delta, finish):
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+        if stream:
+            def gen() -> Iterator[dict]:
+                yield chunk({"role": "assistant"}, None)
+                for ch in self._stream(ids, max_tokens, stop, sampler):
+                    if ch.text:
+                        yield chunk({"content": ch.text}, None)
+                    if ch.finish_reason:
+                        yield chunk({}, ch.finish_reason)
+            return gen()
+        parts, finish = [], "length"
+        for ch in self._stream(ids, max_tokens, stop, sampler):
+            parts.append(ch.text)
+            finish = ch.finish_reason or finish
+        return {"id": cid, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+                             "logprobs": None, "finish_reason": finish}],
+                "usage": _usage(self._last_stats)}
