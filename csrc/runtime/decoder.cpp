@@ -137,19 +137,18 @@ void Decoder::attention_impl(int li, const float* q, int64_t m, int64_t pos, flo
     thread_local std::vector<float> sc;
     sc.resize(size_t(p + 1 - begin));
     const float* qv = q + (i * c.n_heads + h) * hd;  // [m, heads, hd]
+    const int64_t nk = p + 1 - begin;
+    const int64_t stride = c.n_kv_heads * hd;  // cache [ctx, kv, hd]: key t at t * stride
+    scores(qv, K + begin * stride + kvh * hd, stride, nk, hd, scale, sc.data());
     float mx = -INFINITY;
-    for (int64_t t = begin; t <= p; ++t) {
-      const float* kv = K + (t * c.n_kv_heads + kvh) * hd;  // cache [ctx, kv, hd]
-      float s = dot(qv, kv, hd) * scale;
-      if (c.attn_softcap > 0.f) s = c.attn_softcap * std::tanh(s / c.attn_softcap);
-      sc[size_t(t - begin)] = s;
-      mx = std::max(mx, s);
+    for (int64_t t = 0; t < nk; ++t) {
+      if (c.attn_softcap > 0.f) sc[size_t(t)] = c.attn_softcap * std::tanh(sc[size_t(t)] / c.attn_softcap);
+      mx = std::max(mx, sc[size_t(t)]);
     }
-    const float inv = 1.f / exp_shift_sum(sc.data(), p + 1 - begin, mx);
-    float* ov = out + (i * c.n_heads + h) * hd;
-    std::fill(ov, ov + hd, 0.f);
-    for (int64_t t = begin; t <= p; ++t)
-      axpy(ov, sc[size_t(t - begin)] * inv, V + (t * c.n_kv_heads + kvh) * hd, hd);
+    const float inv = 1.f / exp_shift_sum(sc.data(), nk, mx);
+    for (int64_t t = 0; t < nk; ++t) sc[size_t(t)] *= inv;
+    weighted_sum(sc.data(), V + begin * stride + kvh * hd, stride, nk, hd,
+                 out + (i * c.n_heads + h) * hd);
   };
   parallel_for(n_threads, m * c.n_heads, fn);
 }

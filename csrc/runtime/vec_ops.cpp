@@ -6,7 +6,7 @@
 #include <cstring>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LUTHIER_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define LUTHIER_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define LUTHIER_CLONES
 #endif
@@ -14,6 +14,7 @@
 namespace luthier {
 namespace {
 
+// (target_clones("arch=...") would test the CPU model, not its features: "avx2" it is)
 // exp(x) for x <= 0 (softmax after the max shift; activations clamp): 2^n * p(r),
 // r = x - n ln2 in [-ln2/2, ln2/2], degree-6 polynomial; branch-free so it vectorizes.
 inline float fast_exp(float x) {
@@ -42,6 +43,30 @@ LUTHIER_CLONES float dot(const float* a, const float* b, int64_t n) {
   float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
+}
+
+LUTHIER_CLONES void scores(const float* q, const float* K, int64_t stride, int64_t n_keys, int64_t n,
+                           float scale, float* out) {
+  for (int64_t t = 0; t < n_keys; ++t) {
+    const float* k = K + t * stride;  // key t of the cache walk [t][kv][hd]
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      for (int u = 0; u < 8; ++u) acc[u] += q[i + u] * k[i + u];
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; i < n; ++i) s += q[i] * k[i];
+    out[t] = s * scale;
+  }
+}
+
+LUTHIER_CLONES void weighted_sum(const float* p, const float* V, int64_t stride, int64_t n_keys,
+                                 int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = 0.f;
+  for (int64_t t = 0; t < n_keys; ++t) {
+    const float* v = V + t * stride;  // value t of the cache walk [t][kv][hd]
+    const float w = p[t];
+    for (int64_t i = 0; i < n; ++i) out[i] += w * v[i];
+  }
 }
 
 LUTHIER_CLONES void axpy(float* y, float a, const float* x, int64_t n) {

@@ -9,6 +9,12 @@ namespace luthier {
 float dot(const float* a, const float* b, int64_t n);
 // y += a * x
 void axpy(float* y, float a, const float* x, int64_t n);
+// out[t] = scale * dot(q, K[t * stride .. + n]) for t < n_keys (attention scores of one query)
+void scores(const float* q, const float* K, int64_t stride, int64_t n_keys, int64_t n, float scale,
+            float* out);
+// out[0..n) = sum_t p[t] * V[t * stride .. + n] (probability-weighted values)
+void weighted_sum(const float* p, const float* V, int64_t stride, int64_t n_keys, int64_t n,
+                  float* out);
 // x[i] = exp(x[i] - mx), returns the sum; exp by range reduction + polynomial (rel. err ~2e-7)
 float exp_shift_sum(float* x, int64_t n, float mx);
 // g[i] = act(g[i]) * u[i], act = silu or gelu (tanh form)
