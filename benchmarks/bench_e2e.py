@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -30,28 +31,50 @@ from luthier.loaders.bundled import smollm2_path  # noqa: E402
 PAIRS = [(4, 128, ["Q4_0"]), (2, 64, ["Q2_K"]), ("ternary", 64, ["TQ2_0", "TQ1_0"])]
 
 
-def bench_luthier(path, bits, gs, threads, n_prompt, n_gen, head_bits=4) -> dict:
+def bench_luthier(path, bits, gs, threads_list, n_prompt, n_gen, head_bits=4) -> list[dict]:
+    """One load and quantization, measured at every thread count."""
     lm = load_model(path, QuantConfig(bits=bits, group_size=gs, head_bits=head_bits),
-                    n_threads=threads, ctx=n_prompt + n_gen + 8)
+                    n_threads=threads_list[0], ctx=n_prompt + n_gen + 8)
     m = lm.model
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, m.vocab_size, n_prompt)
-    m.forward(prompt[:8], m.new_cache(), 0)  # warm up the pool and caches
-    best_pp, best_tg = 0.0, 0.0
-    for _ in range(2):
-        cache = m.new_cache()
-        t0 = time.perf_counter()
-        m.forward(prompt, cache, 0, last_only=True)
-        best_pp = max(best_pp, n_prompt / (time.perf_counter() - t0))
-        cache = m.new_cache()
-        m.forward(prompt[:1], cache, 0)
-        t0 = time.perf_counter()
-        for i in range(n_gen):
-            m.forward(prompt[i % n_prompt : i % n_prompt + 1], cache, i + 1, last_only=True)
-        best_tg = max(best_tg, n_gen / (time.perf_counter() - t0))
-    return {"engine": "luthier", "type": f"{bits}{"" if bits == "ternary" else "b"}-g{gs}", "threads": threads, "pp": best_pp,
-            "tg": best_tg, "weight_mb": lm.weight_bytes_per_token / 1e6,
-            "gbps": best_tg * lm.weight_bytes_per_token / 1e9}
+    out = []
+    for threads in threads_list:
+        lm.set_threads(threads)
+        m.forward(prompt[:8], m.new_cache(), 0)  # warm up the pool and caches
+        best_pp, best_tg = 0.0, 0.0
+        for _ in range(3):
+            cache = m.new_cache()
+            t0 = time.perf_counter()
+            m.forward(prompt, cache, 0, last_only=True)
+            best_pp = max(best_pp, n_prompt / (time.perf_counter() - t0))
+            cache = m.new_cache()
+            m.forward(prompt[:1], cache, 0)
+            t0 = time.perf_counter()
+            for i in range(n_gen):
+                m.forward(prompt[i % n_prompt : i % n_prompt + 1], cache, i + 1, last_only=True)
+            best_tg = max(best_tg, n_gen / (time.perf_counter() - t0))
+        label = f"ternary-g{gs}" if bits == "ternary" else f"{bits}b-g{gs}"
+        out.append({"engine": "luthier", "type": label, "threads": threads, "pp": best_pp,
+                    "tg": best_tg, "weight_mb": lm.weight_bytes_per_token / 1e6,
+                    "gbps": best_tg * lm.weight_bytes_per_token / 1e9,
+                    "quantize_s": lm.quantize_seconds})
+    return out
+
+
+class _quiet_stderr:
+    """llama.cpp logs every tensor to fd 2 from C: send it to /dev/null while it runs."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        self.null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(self.null, 2)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        os.close(self.null)
 
 
 def llama_quantize(src: str, dst: str, type_name: str) -> None:
@@ -73,14 +96,15 @@ def bench_llama(path, type_name, threads, n_prompt, n_gen, tmp) -> dict | None:
     except ImportError:
         return None
     q = os.path.join(tmp, f"{os.path.basename(path)}.{type_name}.gguf")
-    if not os.path.exists(q):
-        llama_quantize(path, q, type_name)
-    llm = llama_cpp.Llama(q, n_ctx=n_prompt + n_gen + 8, n_threads=threads, n_threads_batch=threads,
-                          n_batch=n_prompt, verbose=False)
+    with _quiet_stderr():
+        if not os.path.exists(q):
+            llama_quantize(path, q, type_name)
+        llm = llama_cpp.Llama(q, n_ctx=n_prompt + n_gen + 8, n_threads=threads,
+                              n_threads_batch=threads, n_batch=n_prompt, verbose=False)
     rng = np.random.default_rng(0)
     prompt = [int(t) for t in rng.integers(0, llm.n_vocab(), n_prompt)]
     best_pp, best_tg = 0.0, 0.0
-    for _ in range(2):
+    for _ in range(3):
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
@@ -114,13 +138,16 @@ def write_synthetic(path: str, hidden=2048, layers=16, heads=32, kv_heads=8, ffn
     w.add_vocab_size(vocab)
     w.add_rope_dimension_count(hidden // heads)
     w.add_file_type(1)
-    # a byte-level BPE vocabulary of placeholder tokens: enough for both loaders
-    toks = [f"<t{i}>" for i in range(vocab)]
+    # SmolLM2's byte-level BPE tokenizer (its vocabulary is 49152 too): both engines load it
+    from luthier.loaders.gguf import GGUFFile
+
+    with GGUFFile(smollm2_path()) as src:
+        meta = src.metadata
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(toks)
-    w.add_token_types([1] * vocab)
-    w.add_token_merges([])
+    w.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
+    w.add_token_list(meta["tokenizer.ggml.tokens"])
+    w.add_token_types([int(t) for t in meta["tokenizer.ggml.token_type"]])
+    w.add_token_merges(meta["tokenizer.ggml.merges"])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
 
@@ -168,6 +195,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--synthetic", action="store_true", help="also the ~1B random Llama model")
+    ap.add_argument("--no-smollm2", action="store_true", help="skip SmolLM2 (with --synthetic)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=128)
@@ -177,8 +205,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     threads = [int(t) for t in a.threads.split(",")]
     # (name, path, our head bits): 4-bit groups of 32 = 4.5 bits, under llama.cpp's Q6_K head
-    models = [("smollm2-135m", a.model or str(smollm2_path()), 4)]
-    tmp = tempfile.mkdtemp(prefix="luthier-e2e-")
+    models = [] if a.no_smollm2 else [("smollm2-135m", a.model or str(smollm2_path()), 4)]
+    tmp = tempfile.mkdtemp(prefix="luthier-e2e-")  # removed at the end (GB of GGUFs)
     if a.synthetic:
         syn = os.path.join(tmp, "synthetic-1b-f16.gguf")
         write_synthetic(syn)
@@ -190,18 +218,19 @@ def main(argv=None) -> int:
     records = []
     for name, path, head_bits in models:
         for bits, gs, ltypes in PAIRS:
-            for t in threads:
-                runs = [bench_luthier(path, bits, gs, t, a.prompt, a.gen, head_bits)]
-                if not a.no_llama:
-                    for lt in ltypes:
+            runs = bench_luthier(path, bits, gs, threads, a.prompt, a.gen, head_bits)
+            if not a.no_llama:
+                for lt in ltypes:
+                    for t in threads:
                         r = bench_llama(path, lt, t, a.prompt, a.gen, tmp)
                         if r:
                             runs.append(r)
-                for r in runs:
-                    r["model"] = name
-                    records.append(r)
-                    print(f"{name:<14} {r['engine']:<9} {r['type']:<12} {t:>3} {r['pp']:>9.1f} "
-                          f"{r['tg']:>9.1f} {r['weight_mb']:>7.1f} {r['gbps']:>6.2f}", flush=True)
+            for r in runs:
+                r["model"] = name
+                records.append(r)
+                print(f"{name:<14} {r['engine']:<9} {r['type']:<12} {r['threads']:>3} {r['pp']:>9.1f} "
+                      f"{r['tg']:>9.1f} {r['weight_mb']:>7.1f} {r['gbps']:>6.2f}", flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(records, f, indent=1)

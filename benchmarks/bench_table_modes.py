@@ -81,7 +81,7 @@ def main(argv=None) -> int:
                 yl = kernels.lut_linear(np.ascontiguousarray(x, np.float32), pw, mode, n_threads=2)
                 tot[mode] += float(((yl - yq) ** 2).sum())
         r = {k: float(np.sqrt(v / tot["ref"])) for k, v in tot.items() if k != "ref"}
-        r["weights"] = f"{bits}{"" if bits == "ternary" else "b"}-g{gs}"
+        r["weights"] = (f"ternary-g{gs}" if bits == "ternary" else f"{bits}b-g{gs}")
         rows.append(r)
         print(f"{r['weights']:<14} {r['quant']:>10.4f} {r['exact']:>10.4f} {r['fast']:>10.4f} "
               f"{r['exact'] / r['quant']:>12.3f} {r['fast'] / r['quant']:>11.3f}")
