@@ -18,7 +18,7 @@
 #include "lut_gemm.h"
 
 #ifndef LUTHIER_PREFETCH
-#define LUTHIER_PREFETCH 4096
+#define LUTHIER_PREFETCH 2048
 #endif
 
 namespace luthier {
@@ -95,8 +95,8 @@ void tile_tokens(const GemmArgs& a, int64_t t, int64_t mi) {
       for (int64_t p = p0; p < p1; ++p) {
         const uint8_t* wp = wg + p * kPairBytes;
         // the weight stream is the only thing that should touch memory: fetch ahead
-        _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch), _MM_HINT_NTA);
-        if (kPairBytes > 64) _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch + 64), _MM_HINT_NTA);
+        _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch), _MM_HINT_T0);
+        if (kPairBytes > 64) _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch + 64), _MM_HINT_T0);
         // vector q of the pair: which weights and which half-tile accumulator it feeds
         auto vec_weights = [&](int q, bool second) {
           if ((B & 1) && q == B - 1) return second ? co : ce;  // last odd plane
