@@ -221,9 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(b)
     b.set_defaults(fn=cmd_bench)
 
+    from .ppl import add_ppl_parser
     from .server import add_serve_parser
 
     add_serve_parser(sub)
+    add_ppl_parser(sub)
     return p
 
 

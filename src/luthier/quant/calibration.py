@@ -1,0 +1,315 @@
+"""Calibration and sequential GPTQ of a whole model.
+
+The model runs block by block over N calibration sequences of L tokens. Inside a block the
+linear layers are quantized in the order the forward pass reaches them ("true sequential",
+as in the GPTQ paper's reference implementation): q/k/v (one shared input), then o, then
+gate/up (one shared input), then down. Each group is calibrated on inputs computed by the
+already-quantized layers before it, in this block and in every block before it.
+
+How, without a second copy of the forward pass: the model is the ordinary numpy
+`models.Transformer`, built with a linear factory that returns `_CalibLinear`s. One pass
+over the samples runs `Transformer._block` until it reaches a linear that is not quantized
+yet: that linear (and those called with the very same input array, e.g. k and v after q)
+add the input to a shared Hessian; the next unquantized linear stops the pass (`_Stop`).
+GPTQ then quantizes the group, and the next pass goes one group further. Quantized linears
+cache their output per sample, so every product is computed once; only attention is
+recomputed per pass. A last pass with every linear quantized gives the next block's input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from .gptq import DEFAULT_BLOCK_SIZE, DEFAULT_PERCDAMP, HessianAccumulator, gptq_quantize
+from .qtensor import QTensor
+
+DEFAULT_N_SAMPLES = 32
+DEFAULT_SEQ_LEN = 512
+
+Progress = Callable[[int, int, str], None]
+
+
+class _Stop(Exception):
+    """Ends a calibration pass through a block at the first linear it cannot run yet."""
+
+
+def calibration_tokens(tokenizer: Any, text: str, n_samples: int, seq_len: int, seed: int = 0) -> np.ndarray:
+    """int64 [n_samples, seq_len]: random windows of the tokenized text (fixed seed), as
+    the GPTQ reference samples its calibration set; BOS first when the model adds BOS."""
+    if n_samples < 1 or seq_len < 2:
+        raise ValueError(f"need n_samples >= 1 and seq_len >= 2, got {n_samples}, {seq_len}")
+    ids = np.asarray(tokenizer.encode(text, add_bos=False, special=False, add_eos=False), np.int64)
+    if len(ids) < seq_len:
+        raise ValueError(f"calibration text has {len(ids)} tokens, fewer than seq_len={seq_len}")
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(ids) - seq_len + 1, n_samples)  # [N]
+    out = np.stack([ids[s : s + seq_len] for s in starts])  # [N, L]
+    if getattr(tokenizer, "add_bos", False) and getattr(tokenizer, "bos_id", None) is not None:
+        out[:, 0] = tokenizer.bos_id
+    return out
+
+
+class _Runner:
+    """State shared by a block's _CalibLinears during one pass."""
+
+    def __init__(self) -> None:
+        self.sample = 0
+        self.stage_x: np.ndarray | None = None  # input of the group being calibrated
+        self.members: list[_CalibLinear] = []  # that group (found on sample 0)
+        self.acc: HessianAccumulator | None = None
+
+
+class _CalibLinear:
+    """A linear layer of the model being calibrated: float until quantized, then the
+    dequantized GPTQ weights (its output cached per sample while its block is calibrated)."""
+
+    def __init__(self, name: str, w: np.ndarray, runner: _Runner):
+        self.name = name
+        self.w = np.asarray(w, dtype=np.float32)  # [n, k]
+        self.runner = runner
+        self.qtensor: QTensor | None = None
+        self.wq_t: np.ndarray | None = None  # [k, n] dequantized, transposed
+        self.outputs: dict[int, np.ndarray] = {}
+
+    def set_quantized(self, qt: QTensor) -> None:
+        self.qtensor = qt
+        self.wq_t = np.ascontiguousarray(qt.dequantize().T)  # [n, k] -> [k, n]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        r = self.runner
+        if self.wq_t is not None:
+            out = self.outputs.get(r.sample)
+            if out is None:
+                out = self.outputs[r.sample] = x @ self.wq_t  # [m, k] @ [k, n] -> [m, n]
+            return out
+        if r.stage_x is None:  # the first unquantized linear of this pass opens the group
+            r.stage_x = x
+            if r.sample == 0:
+                r.acc = HessianAccumulator(x.shape[-1])
+                r.members = [self]
+            r.acc.add(x)
+        elif x is not r.stage_x:
+            raise _Stop  # a later group: its inputs need this group quantized first
+        elif r.sample == 0:
+            r.members.append(self)  # same input: calibrated with the group (k, v after q)
+        if r.sample > 0:
+            if self is r.members[-1]:
+                raise _Stop  # the group is complete; nothing after it is needed
+            return np.zeros((x.shape[0], self.w.shape[0]), np.float32)  # never read
+        return x @ self.w.T  # sample 0 runs on, to find where the group ends
+
+
+class _Unused:
+    """Stands for the output head during calibration (never called)."""
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        raise RuntimeError("the output head is not calibrated")
+
+
+@contextlib.contextmanager
+def _blas_threads(n: int):
+    """GPTQ's column loop is many small BLAS calls, which threads only slow down."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(n, user_api="blas"):
+        yield
+
+
+def gptq_model_layers(
+    model: Any,
+    tokens: np.ndarray,
+    bits: int,
+    group_size: int | Callable[[int], int],
+    symmetric: bool = False,
+    act_order: bool = False,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    percdamp: float = DEFAULT_PERCDAMP,
+    progress: Progress | None = None,
+    observer: Callable[[list[str], np.ndarray], None] | None = None,
+) -> tuple[dict[str, QTensor], dict]:
+    """Sequential GPTQ of every block linear of `model`, a models.Transformer built with
+    `calibration_factory`, over calibration tokens [N, L]. group_size: an int or a function
+    of k. observer(names, H), if given, sees each group and its Hessian in the order they
+    are quantized. Returns ({tensor name: QTensor}, stats)."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"calibration tokens must be [n_samples, seq_len], got shape {tokens.shape}")
+    n_samples, seq_len = tokens.shape
+    args = model.args
+    layers = model.layers
+    lins_of = [[v for v in vars(layer).values() if isinstance(v, _CalibLinear)] for layer in layers]
+    total = sum(len(x) for x in lins_of)
+    if total == 0:
+        raise TypeError("the model was not built with calibration_factory")
+    runner = lins_of[0][0].runner
+    fit = group_size if callable(group_size) else (lambda k: group_size)
+
+    x = np.asarray(model.tok_embd[tokens], dtype=np.float32)  # [N, L] -> [N, L, dim]
+    if args.embed_scale != 1.0:
+        x = x * np.float32(args.embed_scale)
+    positions = np.arange(seq_len)
+    trig = {id(r): r.cos_sin(positions) for r in model._ropes.values()}
+    cache = model.new_cache(seq_len)
+    t_gptq = 0.0
+    t0 = time.perf_counter()
+    done = 0
+    for i, layer in enumerate(layers):
+        rope = model.layer_rope(i)
+
+        def run_block(s: int) -> np.ndarray:
+            runner.sample, runner.stage_x = s, None
+            return model._block(i, layer, x[s], rope, trig[id(rope)], cache, 0)
+
+        while any(lin.wq_t is None for lin in lins_of[i]):
+            runner.members, runner.acc = [], None
+            for s in range(n_samples):
+                try:
+                    run_block(s)
+                except _Stop:
+                    pass
+            group = runner.members
+            if not group:
+                raise RuntimeError(f"block {i}: a linear layer is never called")
+            if observer:
+                observer([lin.name for lin in group], runner.acc.hessian)
+            t1 = time.perf_counter()
+            w = np.concatenate([lin.w for lin in group])  # rows of one input: [sum n, k]
+            k = w.shape[1]
+            with _blas_threads(1):
+                qt = gptq_quantize(w, runner.acc.hessian, bits, fit(k), symmetric, act_order,
+                                   block_size, percdamp)
+            t_gptq += time.perf_counter() - t1
+            r0 = 0
+            for lin in group:  # split the rows back into the group's layers
+                r1 = r0 + lin.w.shape[0]
+                z = qt.zeros[r0:r1] if qt.zeros is not None else None
+                lin.set_quantized(QTensor(qt.codes[r0:r1], qt.scales[r0:r1], z, bits, qt.group_size))
+                r0 = r1
+            done += len(group)
+            if progress:
+                progress(done, total, f"gptq blk.{i}: " + ", ".join(l.name.split(".")[2] for l in group))
+        x = np.stack([run_block(s) for s in range(n_samples)])  # [N, L, dim]: next block's input
+        for lin in lins_of[i]:
+            lin.outputs.clear()
+    qts = {lin.name: lin.qtensor for lins in lins_of for lin in lins}
+    stats = {"seconds": time.perf_counter() - t0, "gptq_seconds": t_gptq, "layers": total,
+             "calib_tokens": int(n_samples * seq_len)}
+    return qts, stats
+
+
+def calibration_factory(runner: _Runner | None = None) -> Callable[[str, np.ndarray], Any]:
+    """A models.Transformer linear factory for gptq_model_layers: blocks' linears become
+    _CalibLinears, the head is left out."""
+    runner = runner or _Runner()
+
+    def make(name: str, w: np.ndarray):
+        return _CalibLinear(name, w, runner) if name.startswith("blk.") else _Unused()
+
+    return make
+
+
+def read_float_model(path: str) -> tuple[Any, dict, Any, dict]:
+    """(ModelArgs, float weights by GGUF name, Tokenizer, metadata) of a GGUF file or a
+    Hugging Face folder, read as engine.load_model reads them."""
+    from ..loaders.gguf import GGUFFile
+    from ..models import ModelArgs
+    from ..tokenizer import Tokenizer
+
+    if os.path.isdir(path):
+        from ..loaders.safetensors import HFFolder
+        from ..models.hf_names import hf_to_gguf_weights
+
+        with HFFolder(path) as folder:
+            args = ModelArgs.from_hf_config(folder.config)
+            if folder.tokenizer_json_path is None:
+                raise FileNotFoundError(f"{path}: no tokenizer.json")
+            tok = Tokenizer.from_file(folder.tokenizer_json_path, folder.tokenizer_config)
+            weights = hf_to_gguf_weights(folder, args, None)
+            return args, weights, tok, dict(folder.config)
+    f = GGUFFile(path)
+    meta = f.metadata
+    weights = {name: f.load_float(name) for name in f.tensors}
+    return ModelArgs.from_gguf_metadata(meta), weights, Tokenizer.from_gguf_metadata(meta), meta
+
+
+def quantize_model_gptq(
+    path: str | None,
+    bits: int,
+    group_size: int,
+    calib_file: str,
+    n_samples: int = DEFAULT_N_SAMPLES,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    *,
+    head_bits: Any = 4,
+    head_group_size: int = 32,
+    symmetric: bool = False,
+    act_order: bool = False,
+    mode: str = "fast",
+    n_threads: int | None = None,
+    ctx: int | None = None,
+    native: bool = True,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    percdamp: float = DEFAULT_PERCDAMP,
+    seed: int = 0,
+    progress: Progress | None = None,
+):
+    """Load a float model, GPTQ its block linears on `calib_file` (N sequences of L tokens),
+    and return an engine.LoadedModel running them on the LUT kernels. The output head is
+    quantized like engine.load_model does (round-to-nearest at head_bits). Group sizes are
+    fitted to each row length as engine does (engine._fit_group), so RTN and GPTQ models
+    of the same --group-size use the same groups."""
+    from .. import engine
+    from ..kernels import QLinear
+    from ..models import Transformer
+
+    if bits not in (1, 2, 3, 4):
+        raise ValueError(f"GPTQ quantizes to 1-4 bits, got {bits}")
+    path = engine.resolve_model_path(path)
+    with open(calib_file, encoding="utf-8") as f:
+        text = f.read()
+    t0 = time.perf_counter()
+    args, weights, tok, meta = read_float_model(path)
+    load_s = time.perf_counter() - t0
+    tokens = calibration_tokens(tok, text, n_samples, seq_len, seed)
+    calib_model = Transformer(args, weights, calibration_factory())
+    qts, stats = gptq_model_layers(calib_model, tokens, bits, lambda k: engine._fit_group(k, group_size),
+                                   symmetric, act_order, block_size, percdamp, progress)
+    del calib_model
+
+    cfg = engine.QuantConfig(bits=bits, group_size=group_size, head_bits=head_bits,
+                             head_group_size=head_group_size, mode=mode, symmetric=symmetric)
+    n_threads = n_threads or min(os.cpu_count() or 1, 8)
+    linears: list = []
+
+    def factory(name: str, w: np.ndarray):
+        if name in qts:
+            lin = QLinear(qts[name], mode=mode, n_threads=n_threads)
+            lin.nbytes = lin.packed.nbytes  # type: ignore[attr-defined]
+        else:  # the output head
+            lin = engine.make_linear(w, head_bits, head_group_size, cfg, n_threads)
+        linears.append(lin)
+        return lin
+
+    model = Transformer(args, weights, factory)
+    n_ctx = int(ctx or min(args.max_seq_len or engine.DEFAULT_CTX, engine.DEFAULT_CTX))
+    runner = model
+    if native:
+        from ..native import NativeModel
+
+        runner = NativeModel(model, n_ctx, n_threads, mode)
+    lm = engine.LoadedModel(path, args, runner, tok, meta, cfg, n_threads)
+    lm.load_seconds = load_s
+    lm.quantize_seconds = stats["seconds"]
+    lm.linear_bytes = int(sum(getattr(l, "nbytes", 0) for l in linears))
+    stats.update(method="gptq", act_order=act_order, n_samples=n_samples, seq_len=seq_len,
+                 calib_file=calib_file, percdamp=percdamp, block_size=block_size)
+    lm.extra.update(linears=linears, ctx=n_ctx, reference=model, gptq=stats, qtensors=qts)
+    return lm
