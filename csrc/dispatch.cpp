@@ -12,9 +12,6 @@ std::vector<std::string> available_isas() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) v.push_back("avx2");
 #endif
-#if defined(LUTHIER_ARM)
-  v.push_back("neon");  // aarch64 always has Advanced SIMD
-#endif
   return v;
 }
 
@@ -24,9 +21,6 @@ GemmKernel kernel_for(const std::string& isa) {
     if (isa == "generic") return lut_gemm_generic;
 #if defined(LUTHIER_X86)
     if (isa == "avx2") return lut_gemm_avx2;
-#endif
-#if defined(LUTHIER_ARM)
-    if (isa == "neon") return lut_gemm_neon;
 #endif
   }
   std::string have;
