@@ -13,6 +13,7 @@
 
 #include "bandwidth.h"
 #include "dispatch.h"
+#include "int8_gemm.h"
 #include "lut_matmul.h"
 
 namespace nb = nanobind;
@@ -173,6 +174,26 @@ NB_MODULE(_core, m) {
     nb::gil_scoped_release nogil;
     return read_probe(p, bytes, n_threads);
   }, nb::arg("data").noconvert(), nb::arg("n_threads") = 1, "reads data once (bandwidth probe); returns a checksum");
+
+  m.def("int8_linear", [](const Arr<const int8_t, nb::ndim<2>>& w, const Arr<const uint16_t, nb::ndim<2>>& wscale,
+                          int64_t k, const Arr<const float, nb::ndim<2>>& x, Arr<float, nb::ndim<2>> y,
+                          const std::optional<Arr<const float, nb::ndim<1>>>& norm_w, float eps, int n_threads,
+                          const std::string& isa) {
+    const int64_t n = w.shape(0), mm = x.shape(0);
+    check(k > 0 && int64_t(w.shape(1)) == int8_kp(k), "int8 weights must be [n, k rounded up to 32]");
+    check_shape(wscale, {n, int8_kp(k) / 32}, "int8 block scales");
+    check_shape(x, {mm, k}, "x");
+    check_shape(y, {mm, n}, "y");
+    check(mm > 0, "x has no rows");
+    if (norm_w) check_shape(*norm_w, {k}, "norm weight");
+    if (!isa.empty()) kernel_for(isa);
+    nb::gil_scoped_release nogil;
+    int8_linear(w.data(), wscale.data(), n, k, x.data(), mm, norm_w ? norm_w->data() : nullptr, eps,
+                y.data(), n_threads, isa.c_str());
+  }, nb::arg("w").noconvert(), nb::arg("wscale").noconvert(), nb::arg("k"), nb::arg("x").noconvert(),
+     nb::arg("y").noconvert(), nb::arg("norm_w").noconvert().none() = nb::none(), nb::arg("eps") = 1e-6f,
+     nb::arg("n_threads") = 1, nb::arg("isa") = "",
+     "y = x . w^T for int8 weights with fp16 scales per 32 (activations int8 per 32)");
 
   bind_runtime(m);
 

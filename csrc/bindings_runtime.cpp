@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "int8_gemm.h"
 #include "runtime/decoder.h"
 
 namespace nb = nanobind;
@@ -113,6 +114,21 @@ void bind_runtime(nb::module_& m) {
              *L = Linear{PackedRef{}, false, w.data(), int64_t(w.shape(0)), int64_t(w.shape(1))};
              self.keep.push_back(nb::cast(w));
            }, nb::arg("layer"), nb::arg("name"), nb::arg("w").noconvert())
+      .def("set_int8", [](PyDecoder& self, int li, const std::string& name, int64_t k,
+                          Arr<const int8_t, nb::ndim<2>> w, Arr<const uint16_t, nb::ndim<2>> scale) {
+             if (k <= 0 || int64_t(w.shape(1)) != int8_kp(k) || scale.shape(0) != w.shape(0) ||
+                 int64_t(scale.shape(1)) != int8_kp(k) / 32)
+               throw std::invalid_argument("int8 weights must be [n, k rounded up to 32] with [n, kp / 32] scales");
+             Linear* L = self.linear_slot(li, name);
+             Linear q;
+             q.n = int64_t(w.shape(0));
+             q.k = k;
+             q.q8 = w.data();
+             q.q8_scale = scale.data();
+             *L = q;
+             self.keep.push_back(nb::cast(w));
+             self.keep.push_back(nb::cast(scale));
+           }, nb::arg("layer"), nb::arg("name"), nb::arg("k"), nb::arg("w").noconvert(), nb::arg("scale").noconvert())
       .def("set_vector", [](PyDecoder& self, int li, const std::string& name, Arr<const float, nb::ndim<1>> v) {
              const float** slot = self.vector_slot(li, name);
              if (int64_t(v.shape(0)) != self.vector_len(li, name))
@@ -144,13 +160,13 @@ void bind_runtime(nb::module_& m) {
              };
              need(d.embd_f32 || d.embd_f16, "the embedding");
              need(d.out_norm, "the output norm");
-             need(d.head.is_lut || d.head.f, "the output head");
+             need(d.head.is_lut || d.head.f || d.head.q8, "the output head");
              for (size_t i = 0; i < d.layers.size(); ++i) {
                const LayerWeights& L = d.layers[i];
                const std::string p = "layer " + std::to_string(i) + " ";
                for (auto [lin, nm] : {std::pair{&L.q, "q"}, {&L.k, "k"}, {&L.v, "v"}, {&L.o, "o"},
                                        {&L.gate, "gate"}, {&L.up, "up"}, {&L.down, "down"}})
-                 need(lin->is_lut || lin->f, p + nm);
+                 need(lin->is_lut || lin->f || lin->q8, p + nm);
                need(L.attn_norm && L.ffn_norm && L.inv_freq, p + "norms or rope frequencies");
                need(!L.q_norm == !L.k_norm, p + "q_norm/k_norm pair");
              }

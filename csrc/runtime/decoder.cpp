@@ -2,6 +2,7 @@
 #include "decoder.h"
 
 #include "vec_ops.h"
+#include "../int8_gemm.h"
 
 #include <algorithm>
 #include <chrono>
@@ -75,6 +76,10 @@ void Decoder::linear(const Linear& w, const float* x, int64_t m, float* y, const
 void Decoder::linear_impl(const Linear& w, const float* x, int64_t m, float* y, const float* norm_w) {
   if (w.is_lut) {
     lut_linear(w.lut, cfg.mode, x, m, norm_w, cfg.norm_eps, y, n_threads, "");
+    return;
+  }
+  if (w.q8) {
+    int8_linear(w.q8, w.q8_scale, w.n, w.k, x, m, norm_w, cfg.norm_eps, y, n_threads, "");
     return;
   }
   const float* xin = x;

@@ -13,11 +13,13 @@
 
 namespace luthier {
 
-struct Linear {  // a LUT weight, or a float one [n, k] row-major (8/16-bit layers)
+struct Linear {  // a LUT weight, an int8 one (int8_gemm.h), or a float one [n, k]
   PackedRef lut{};
   bool is_lut = false;
   const float* f = nullptr;
   int64_t n = 0, k = 0;
+  const int8_t* q8 = nullptr;  // [n, int8_kp(k)]
+  const uint16_t* q8_scale = nullptr;  // fp16 [n, int8_kp(k) / 32]
 };
 
 struct LayerWeights {

@@ -29,7 +29,7 @@ class Llama:
     mode choose luthier's quantization of the linear layers."""
 
     def __init__(self, model_path: str | None = None, *, bits: int | str = 4, group_size: int = 128,
-                 head_bits: int | str = 4, mode: str = "fast", n_ctx: int | None = None,
+                 head_bits: int | str = 8, mode: str = "fast", n_ctx: int | None = None,
                  n_threads: int | None = None, seed: int | None = None, verbose: bool = False):
         cfg = QuantConfig(bits=parse_bits(bits), group_size=group_size, head_bits=parse_bits(head_bits),
                           mode=mode)

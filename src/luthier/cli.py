@@ -36,7 +36,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=parse_bits, default=4,
                    help="linear layer bits: 1, 2, 3, 4, ternary (LUT kernels), 8 or 16 (float)")
     p.add_argument("--group-size", type=int, default=128, help="weights per scale along k")
-    p.add_argument("--head-bits", type=parse_bits, default=4, help="output head bits")
+    p.add_argument("--head-bits", type=parse_bits, default=8,
+                   help="output head bits (8: int8 kernel; 1-4: LUT; 16: float)")
     p.add_argument("--symmetric", action="store_true", help="no zero points")
     p.add_argument("--mode", choices=["exact", "fast"], default="fast",
                    help="LUT tables: fast = int8 tables of float activations (default), "

@@ -33,7 +33,7 @@ def parse_bits(value: str | int) -> Bits:
 class QuantConfig:
     bits: Bits = 4
     group_size: int = 128
-    head_bits: Bits = 4  # the LUT kernels stop at 4 bits; 8/16 use the float path
+    head_bits: Bits = 8  # embeddings/head: int8 kernel; 1-4 bits use the LUT kernels
     head_group_size: int = 32
     mode: str = "fast"  # LUT tables: measured more accurate than "exact" on SmolLM2 (README)
     symmetric: bool = False
@@ -51,24 +51,56 @@ def _fit_group(k: int, group_size: int) -> int:
 
 
 class FloatLinear:
-    """y = x @ w.T in float32 (bits 16), or of int8 round-to-nearest weights (bits 8)."""
+    """y = x @ w.T in float32 (bits 16: the unquantized path)."""
 
-    def __init__(self, w: np.ndarray, bits: int):
+    def __init__(self, w: np.ndarray, bits: int = 16):
         w = np.asarray(w, np.float32)
-        if bits == 8:  # per-row symmetric int8, stored dequantized (no 8-bit LUT kernel)
-            s = np.abs(w).max(1, keepdims=True) / 127.0
-            s = np.where(s > 0, s, 1.0)
-            w = (np.clip(np.rint(w / s), -127, 127) * s).astype(np.float32)
         self.wt = np.ascontiguousarray(w.T)  # [k, n]: x @ wt without a transpose per call
-        self.nbytes = w.size * (1 if bits == 8 else 4)
+        self.nbytes = w.size * 4
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(x, np.float32) @ self.wt
 
 
+class Int8Linear:
+    """8-bit weights (a symmetric fp16 scale per block of 32, like Q8_0) times int8
+    activations (per block of 32), by the native int8 kernel (csrc/int8_gemm.h): the
+    default for embeddings and heads. Reproduces a Q8_0 source exactly."""
+
+    def __init__(self, w: np.ndarray, n_threads: int = 1):
+        from . import _core
+
+        w = np.asarray(w, np.float32)
+        n, k = w.shape
+        kp = -(-k // 32) * 32
+        wp = np.zeros((n, kp), np.float32)
+        wp[:, :k] = w
+        wb = wp.reshape(n, kp // 32, 32)  # [n, kp] -> [n, blocks, 32]
+        s = (np.abs(wb).max(-1) / 127.0).astype(np.float16)
+        s = np.where(s > 0, s, np.float16(1.0)).astype(np.float16)  # codes against fp16 scales
+        q = np.clip(np.rint(wb / s.astype(np.float32)[..., None]), -127, 127).astype(np.int8)
+        self.q = np.ascontiguousarray(q.reshape(n, kp))  # [n, blocks, 32] -> [n, kp]
+        self.scale = s.view(np.uint16)  # fp16 bits [n, kp / 32]
+        self.k, self.n_threads = k, n_threads
+        self.nbytes = q.nbytes + s.nbytes
+        self._core = _core
+
+    def dequantize(self) -> np.ndarray:
+        s = self.scale.view(np.float16).astype(np.float32).repeat(32, 1)  # [n, blocks] -> [n, kp]
+        return (self.q.astype(np.float32) * s)[:, : self.k]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x2 = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
+        y = np.empty((x2.shape[0], self.q.shape[0]), np.float32)
+        self._core.int8_linear(self.q, self.scale, self.k, x2, y, None, 1e-6, self.n_threads, "")
+        return y
+
+
 def make_linear(w: np.ndarray, bits: Bits, group_size: int, cfg: QuantConfig, n_threads: int):
-    if bits in FLOAT_BITS:
-        return FloatLinear(w, int(bits))
+    if bits == 8:
+        return Int8Linear(w, n_threads)
+    if bits == 16:
+        return FloatLinear(w)
     k = w.shape[1]
     if bits == "ternary":
         qt = quantize_ternary(w, _fit_group(k, group_size) if group_size else None)
@@ -103,7 +135,7 @@ class LoadedModel:
         if hasattr(self.model, "n_threads"):
             self.model.n_threads = n
         for lin in self.extra.get("linears", []):
-            if isinstance(lin, QLinear):
+            if hasattr(lin, "n_threads"):
                 lin.n_threads = n
 
 

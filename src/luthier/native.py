@@ -38,10 +38,12 @@ def _set_linear(dec, layer: int, name: str, lin) -> None:
     if isinstance(lin, QLinear):
         p = lin.packed
         dec.set_lut(layer, name, p.n, p.k, p.bits, p.group_size, p.w, p.s, p.z, p.zero_const)
+    elif hasattr(lin, "q") and hasattr(lin, "scale"):  # engine.Int8Linear
+        dec.set_int8(layer, name, lin.k, lin.q, lin.scale)
     elif hasattr(lin, "wt"):  # engine.FloatLinear holds w.T [k, n]
         dec.set_float(layer, name, np.ascontiguousarray(lin.wt.T))  # [k, n] -> [n, k]
     else:
-        raise TypeError(f"{name}: the native decoder takes QLinear or FloatLinear layers, "
+        raise TypeError(f"{name}: the native decoder takes QLinear, Int8Linear or FloatLinear layers, "
                         f"got {type(lin).__name__}")
 
 

@@ -1,0 +1,64 @@
+"""The int8 kernel (embeddings and heads): every ISA against numpy on the same int8 data."""
+
+import numpy as np
+import pytest
+
+from luthier import _core, kernels
+from luthier.engine import Int8Linear
+
+ISAS = kernels.available_isas()
+# int8 activations per block of 32: error relative to sum |x| |w| per output
+ACT_Q8_BOUND = 4e-3
+SIMD_VS_GENERIC = 1e-6
+
+
+def q8_reference(x, lin):
+    """x quantized per 32 like the kernel, times the int8 weights, in float64."""
+    m, k = x.shape
+    kp = lin.q.shape[1]
+    xp = np.zeros((m, kp), np.float32)
+    xp[:, :k] = x
+    xb = xp.reshape(m, kp // 32, 32)  # [m, kp] -> [m, blocks, 32]
+    amax = np.abs(xb).max(-1, keepdims=True)
+    sc = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    xq = np.clip(np.rint(xb * (np.float32(1) / sc)), -127, 127) * sc
+    return xq.reshape(m, kp)[:, :k].astype(np.float64) @ lin.dequantize().astype(np.float64).T
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 17), (33, 32), (127, 33), (129, 576), (64, 1000)])
+@pytest.mark.parametrize("m", [1, 2, 7])
+def test_int8_matches_reference(n, k, m):
+    rng = np.random.default_rng(n * 1000 + k + m)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = (rng.standard_normal((m, k)) * 3).astype(np.float32)
+    lin = Int8Linear(w, n_threads=2)
+    ref = q8_reference(x, lin)
+    scale = (np.abs(x).astype(np.float64) @ np.abs(lin.dequantize()).T.astype(np.float64)).max()
+    outs = {}
+    for isa in ISAS:
+        y = np.empty((m, n), np.float32)
+        _core.int8_linear(lin.q, lin.scale, k, x, y, None, 1e-6, 2, isa)
+        outs[isa] = y
+        assert np.abs(y - ref).max() / scale < 1e-5, isa  # same int8 data: float rounding only
+    for isa in ISAS:
+        assert np.abs(outs[isa] - outs["generic"]).max() / scale < SIMD_VS_GENERIC
+    exact = x.astype(np.float64) @ w.astype(np.float64).T
+    assert np.abs(lin(x) - exact).max() / scale < ACT_Q8_BOUND + 0.01  # int8 weights and activations
+
+
+def test_int8_fused_norm_and_errors():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((40, 96)).astype(np.float32)
+    lin = Int8Linear(w)
+    x = rng.standard_normal((2, 96)).astype(np.float32)
+    g = (rng.random(96) + 0.5).astype(np.float32)
+    y = np.empty((2, 40), np.float32)
+    _core.int8_linear(lin.q, lin.scale, 96, x, y, g, 1e-5, 1, "")
+    xn = (x / np.sqrt((x.astype(np.float64) ** 2).mean(1, keepdims=True) + 1e-5) * g).astype(np.float32)
+    assert np.allclose(y, lin(xn), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="rounded up to 32"):
+        _core.int8_linear(lin.q, lin.scale, 60, x[:, :60].copy(), y, None, 1e-6, 1, "")
+    with pytest.raises(ValueError, match="shape"):
+        _core.int8_linear(lin.q, lin.scale, 96, x, np.empty((2, 41), np.float32), None, 1e-6, 1, "")
+    with pytest.raises(TypeError):
+        _core.int8_linear(lin.q.astype(np.int16), lin.scale, 96, x, y, None, 1e-6, 1, "")
