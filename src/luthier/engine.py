@@ -158,6 +158,41 @@ def resolve_model_path(model: str | os.PathLike | None) -> str:
     return str(p)
 
 
+def read_float_model(path: str, progress: Callable[[int, int, str], None] | None = None):
+    """(ModelArgs, float32 weights by GGUF name, Tokenizer, metadata) of a GGUF file or a
+    Hugging Face folder: config.json, *.safetensors (single or sharded, f32/f16/bf16),
+    tokenizer.json (+ tokenizer_config.json). HF weights are renamed to the GGUF names the
+    model reads (models.hf_names); their Q/K stay in HF's layout, which
+    ModelArgs.from_hf_config declares (rope_style "neox")."""
+    from .loaders.gguf import GGUFFile
+    from .models import ModelArgs
+    from .tokenizer import Tokenizer
+
+    if os.path.isdir(path):
+        from .loaders.safetensors import HFFolder
+        from .models.hf_names import hf_to_gguf_weights
+
+        # load_float copies every tensor out, so the memory maps can close after the loading
+        with HFFolder(path) as folder:
+            args = ModelArgs.from_hf_config(folder.config)
+            if folder.tokenizer_json_path is None:
+                raise FileNotFoundError(f"{path}: no tokenizer.json")
+            tok = Tokenizer.from_file(folder.tokenizer_json_path, folder.tokenizer_config)
+            weights = hf_to_gguf_weights(folder, args, progress)
+            return args, weights, tok, dict(folder.config)
+    f = GGUFFile(path)
+    meta = f.metadata
+    args = ModelArgs.from_gguf_metadata(meta)
+    tok = Tokenizer.from_gguf_metadata(meta)
+    names = list(f.tensors)
+    weights: dict[str, np.ndarray] = {}
+    for i, name in enumerate(names):
+        if progress:
+            progress(i, len(names), f"loading {name}")
+        weights[name] = f.load_float(name)
+    return args, weights, tok, meta
+
+
 def load_model(
     model: str | os.PathLike | None = None,
     quant: QuantConfig | None = None,
@@ -170,26 +205,11 @@ def load_model(
 
     native: run the decode step in C++ (csrc/runtime); False keeps the numpy Transformer.
     """
-    from .loaders.gguf import GGUFFile
-    from .models import ModelArgs, Transformer
-    from .tokenizer import Tokenizer
-
     quant = quant or QuantConfig()
     n_threads = n_threads or min(os.cpu_count() or 1, 8)
     path = resolve_model_path(model)
     t0 = time.perf_counter()
-    if os.path.isdir(path):
-        return _load_hf(path, quant, n_threads, ctx, progress, native)
-    f = GGUFFile(path)
-    meta = f.metadata
-    args = ModelArgs.from_gguf_metadata(meta)
-    tok = Tokenizer.from_gguf_metadata(meta)
-    names = list(f.tensors)
-    weights: dict[str, np.ndarray] = {}
-    for i, name in enumerate(names):
-        if progress:
-            progress(i, len(names), f"loading {name}")
-        weights[name] = f.load_float(name)
+    args, weights, tok, meta = read_float_model(path, progress)
     load_s = time.perf_counter() - t0
     lm = _build(path, args, weights, tok, meta, quant, n_threads, progress, ctx, native)
     lm.load_seconds = load_s
@@ -231,29 +251,4 @@ def _build(path, args, weights, tok, meta, quant, n_threads, progress, ctx, nati
     lm.quantize_seconds = time.perf_counter() - t0
     lm.linear_bytes = int(sum(getattr(l, "nbytes", 0) for l in linears))
     lm.extra.update(linears=linears, ctx=n_ctx, reference=model)
-    return lm
-
-
-def _load_hf(path, quant, n_threads, ctx, progress, native) -> LoadedModel:
-    """A Hugging Face folder: config.json, *.safetensors (single or sharded, f32/f16/bf16),
-    tokenizer.json (+ tokenizer_config.json). Weights are renamed to the GGUF names the
-    model reads (models.hf_names); Q/K stay in HF's layout, which ModelArgs.from_hf_config
-    declares (rope_style "neox")."""
-    from .loaders.safetensors import HFFolder
-    from .models import ModelArgs
-    from .models.hf_names import hf_to_gguf_weights
-    from .tokenizer import Tokenizer
-
-    t0 = time.perf_counter()
-    # load_float copies every tensor out, so the memory maps can close after the loading
-    with HFFolder(path) as folder:
-        args = ModelArgs.from_hf_config(folder.config)
-        if folder.tokenizer_json_path is None:
-            raise FileNotFoundError(f"{path}: no tokenizer.json")
-        tok = Tokenizer.from_file(folder.tokenizer_json_path, folder.tokenizer_config)
-        weights = hf_to_gguf_weights(folder, args, progress)
-        meta = dict(folder.config)
-    load_s = time.perf_counter() - t0
-    lm = _build(path, args, weights, tok, meta, quant, n_threads, progress, ctx, native)
-    lm.load_seconds = load_s
     return lm

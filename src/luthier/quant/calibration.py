@@ -217,27 +217,10 @@ def calibration_factory(runner: _Runner | None = None) -> Callable[[str, np.ndar
 
 
 def read_float_model(path: str) -> tuple[Any, dict, Any, dict]:
-    """(ModelArgs, float weights by GGUF name, Tokenizer, metadata) of a GGUF file or a
-    Hugging Face folder, read as engine.load_model reads them."""
-    from ..loaders.gguf import GGUFFile
-    from ..models import ModelArgs
-    from ..tokenizer import Tokenizer
+    """(ModelArgs, float weights by GGUF name, Tokenizer, metadata), as load_model reads them."""
+    from ..engine import read_float_model as read
 
-    if os.path.isdir(path):
-        from ..loaders.safetensors import HFFolder
-        from ..models.hf_names import hf_to_gguf_weights
-
-        with HFFolder(path) as folder:
-            args = ModelArgs.from_hf_config(folder.config)
-            if folder.tokenizer_json_path is None:
-                raise FileNotFoundError(f"{path}: no tokenizer.json")
-            tok = Tokenizer.from_file(folder.tokenizer_json_path, folder.tokenizer_config)
-            weights = hf_to_gguf_weights(folder, args, None)
-            return args, weights, tok, dict(folder.config)
-    f = GGUFFile(path)
-    meta = f.metadata
-    weights = {name: f.load_float(name) for name in f.tensors}
-    return ModelArgs.from_gguf_metadata(meta), weights, Tokenizer.from_gguf_metadata(meta), meta
+    return read(path)
 
 
 def quantize_model_gptq(
