@@ -171,7 +171,7 @@ def add_ppl_parser(subparsers: Any) -> argparse.ArgumentParser:
             act.help = "tokens per chunk (llama.cpp's -c; default 512)"
         if act.dest == "head_bits":  # --bits 16 alone evaluates the source model unquantized
             act.default = None
-            act.help = "output head bits (default: 16 with --bits 8/16, else 4)"
+            act.help = "output head bits (default: 8 or 16 as --bits when it is 8 or 16, else 8)"
     p.set_defaults(fn=cmd_ppl)
     return p
 
@@ -184,10 +184,10 @@ def _uses_float_linear(lm: Any) -> bool:
 
 def cmd_ppl(a: argparse.Namespace) -> int:
     from .cli import _load, _progress_bar
-    from .engine import FLOAT_BITS
+    from .engine import FLOAT_BITS, QuantConfig
 
-    if a.head_bits is None:
-        a.head_bits = a.bits if a.bits in FLOAT_BITS else 4
+    if a.head_bits is None:  # a float model keeps a float head; else the engine's default
+        a.head_bits = a.bits if a.bits in FLOAT_BITS else QuantConfig().head_bits
     try:
         with open(a.text, encoding="utf-8") as f:
             text = f.read()
