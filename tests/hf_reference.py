@@ -121,21 +121,19 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, n // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _state_dict(meta: Mapping[str, Any], weights: Mapping[str, np.ndarray], cfg: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
-    gemma = _arch(meta) == "gemma3"
+def hf_layer_map(gemma: bool) -> dict[str, str]:
+    """GGUF per-layer suffix -> HF one, written out independently of luthier's hf_names."""
     names = {
+        "attn_norm": "input_layernorm",
         "attn_q": "self_attn.q_proj",
         "attn_k": "self_attn.k_proj",
         "attn_v": "self_attn.v_proj",
         "attn_output": "self_attn.o_proj",
+        "attn_q_norm": "self_attn.q_norm",
+        "attn_k_norm": "self_attn.k_norm",
         "ffn_gate": "mlp.gate_proj",
         "ffn_up": "mlp.up_proj",
         "ffn_down": "mlp.down_proj",
-        "attn_norm": "input_layernorm",
-        "attn_q_norm": "self_attn.q_norm",
-        "attn_k_norm": "self_attn.k_norm",
     }
     if gemma:
         names |= {
@@ -145,6 +143,14 @@ def _state_dict(meta: Mapping[str, Any], weights: Mapping[str, np.ndarray], cfg:
         }
     else:
         names["ffn_norm"] = "post_attention_layernorm"
+    return names
+
+
+def _state_dict(meta: Mapping[str, Any], weights: Mapping[str, np.ndarray], cfg: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    gemma = _arch(meta) == "gemma3"
+    names = hf_layer_map(gemma)
 
     def tensor(name: str, w: np.ndarray) -> Any:
         if gemma and name.endswith("norm.weight"):

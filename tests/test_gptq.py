@@ -3,7 +3,6 @@ sequential (layer-by-layer) calibration on a tiny random transformer."""
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import numpy as np
@@ -22,16 +21,8 @@ N_OUT, K_IN, N_ROWS = 64, 256, 1024
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Any:
-    """GPTQ's column loop is many small BLAS calls: threads only fight on 2 shared cores."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    limits = threadpool_limits(1)
+def _one_thread(one_blas_thread: Any) -> Any:
     yield
-    limits.restore_original_limits()
 
 
 def correlated_layer(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

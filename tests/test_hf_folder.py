@@ -30,6 +30,8 @@ from luthier.models import ModelArgs, Transformer, float_linear, permute_qk_inte
 from luthier.models.hf_names import hf_to_gguf_weights
 from luthier.tokenizer import Tokenizer
 
+from hf_reference import hf_layer_map  # noqa: E402  (tests/ helper, independent of hf_names)
+
 # Max |logit difference| between an HF folder and the GGUF path whose weights were rounded
 # the same way (bf16 / f16): the same numbers, in other row orders (Q/K un-permuted, RoPE
 # pairs as halves), so only float32 summation order differs. Measured ~5e-5 on logits of
@@ -68,31 +70,6 @@ MESSAGES = [
 
 
 # ------------------------------------------------------------ GGUF -> HF (the inverse)
-def hf_layer_map(gemma: bool) -> dict[str, str]:
-    """GGUF per-layer suffix -> HF one, written out independently of hf_names."""
-    names = {
-        "attn_norm": "input_layernorm",
-        "attn_q": "self_attn.q_proj",
-        "attn_k": "self_attn.k_proj",
-        "attn_v": "self_attn.v_proj",
-        "attn_output": "self_attn.o_proj",
-        "attn_q_norm": "self_attn.q_norm",
-        "attn_k_norm": "self_attn.k_norm",
-        "ffn_gate": "mlp.gate_proj",
-        "ffn_up": "mlp.up_proj",
-        "ffn_down": "mlp.down_proj",
-    }
-    if gemma:
-        names |= {
-            "post_attention_norm": "post_attention_layernorm",
-            "ffn_norm": "pre_feedforward_layernorm",
-            "post_ffw_norm": "post_feedforward_layernorm",
-        }
-    else:
-        names["ffn_norm"] = "post_attention_layernorm"
-    return names
-
-
 def gguf_to_hf(weights: dict[str, np.ndarray], arch: str, n_heads: int, n_kv_heads: int) -> dict[str, np.ndarray]:
     """GGUF-named weights in llama.cpp's conventions -> an HF state dict (numpy)."""
     gemma = arch == "gemma3"

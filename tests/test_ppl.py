@@ -25,16 +25,8 @@ POISON = 40.0
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Any:
-    """One BLAS thread: on the 2 shared cores spinning BLAS threads slow everything down."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    limits = threadpool_limits(1)
+def _one_thread(one_blas_thread: Any) -> Any:
     yield
-    limits.restore_original_limits()
 
 
 class FakeTokenizer:
