@@ -15,7 +15,6 @@ from .kernels import QLinear
 from .quant import quantize_rtn, quantize_ternary
 
 Bits = int | str  # 1, 2, 3, 4, "ternary", 8, 16
-LUT_BITS = (1, 2, 3, 4, "ternary")
 FLOAT_BITS = (8, 16)
 
 
