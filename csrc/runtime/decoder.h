@@ -2,8 +2,12 @@
 // Gemma 3) over LUT linear layers: no Python per layer. It mirrors, operation for
 // operation, src/luthier/models/transformer.py, which is its test oracle.
 //
-// Activations are float32 [m, dim] row-major (m = tokens of this call). The KV cache is
-// float32 [layers][ctx][kv_heads][head_dim] for K and for V.
+// Activations are float32 [m, dim] row-major (m = tokens of this call). The KV cache holds
+// n_seq sequences ("slots"), each float32 [layers][ctx][kv_heads][head_dim] for K and for V.
+// A call's rows may belong to different slots at different positions (continuous batching:
+// one decode token per running sequence goes through every linear layer as one m > 1 LUT
+// matmul). The cache is reserved with mmap and touched lazily, and release(slot) hands a
+// finished sequence's pages back to the OS, so resident KV memory follows the live tokens.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -43,11 +47,15 @@ struct DecoderConfig {
   bool neox = true;  // RoPE halves (neox) or interleaved pairs
   bool gelu = false;  // GeGLU (gelu tanh) instead of SwiGLU
   TableMode mode = TableMode::kExact;
+  int64_t n_seq = 1;  // KV slots (sequences decoded together)
 };
 
 class Decoder {
  public:
   Decoder(const DecoderConfig& cfg, int n_threads);
+  ~Decoder();
+  Decoder(const Decoder&) = delete;
+  Decoder& operator=(const Decoder&) = delete;
   DecoderConfig cfg;
   std::vector<LayerWeights> layers;
   const float* embd_f32 = nullptr;     // [vocab, dim], or
@@ -56,26 +64,39 @@ class Decoder {
   Linear head;
   int n_threads;
 
-  // Runs tokens[0..m) at positions [pos, pos + m); writes logits of the last token (or of
-  // all m when all_logits) into `logits` [1 or m, vocab]. Throws on a full cache.
-  void forward(const int32_t* tokens, int64_t m, int64_t pos, float* logits, bool all_logits);
-  void reset_cache() { length_ = 0; }
+  // Runs tokens[0..m) of sequence `slot` at positions [pos, pos + m); writes logits of the
+  // last token (or of all m when all_logits) into `logits` [1 or m, vocab]. Throws on a
+  // full cache.
+  void forward(const int32_t* tokens, int64_t m, int64_t pos, float* logits, bool all_logits,
+               int64_t slot = 0);
+  // Row i is token tokens[i] of sequence slots[i] at position positions[i]. Within a call
+  // the rows of one slot are consecutive positions, the first at most that slot's length.
+  // Logits of rows out_rows[0..n_out) go to `logits` [n_out, vocab].
+  void forward_batch(const int32_t* tokens, const int32_t* slots, const int32_t* positions,
+                     int64_t m, const int32_t* out_rows, int64_t n_out, float* logits);
+  void reset_cache();
+  void release(int64_t slot);  // forget a sequence and return its KV pages to the OS
   // nanoseconds spent, summed over calls: [0] whole forward, [1] linear layers (tables +
   // LUT matmul), [2] attention, [3] the rest (norms, RoPE, activations, residuals)
   double prof_ns[4] = {0, 0, 0, 0};
-  int64_t length() const { return length_; }
+  int64_t length(int64_t slot = 0) const { return lengths_.at(size_t(slot)); }
 
  private:
   void linear(const Linear& w, const float* x, int64_t m, float* y, const float* norm_w);
   void linears(const Linear* const* ws, float* const* ys, int count, const float* x, int64_t m,
                const float* norm_w);
-  void attention(int layer, const float* q, int64_t m, int64_t pos, float* out);
+  void attention(int layer, const float* q, int64_t m, float* out);
   void linear_impl(const Linear& w, const float* x, int64_t m, float* y, const float* norm_w);
-  void attention_impl(int layer, const float* q, int64_t m, int64_t pos, float* out);
-  std::vector<float> kc_, vc_;  // KV cache
-  int64_t length_ = 0;
+  void attention_impl(int layer, const float* q, int64_t m, float* out);
+  float* k_cache(int64_t slot, int64_t layer) const;  // [ctx, kv_heads, head_dim]
+  float* v_cache(int64_t slot, int64_t layer) const;
+  float* kv_ = nullptr;  // [n_seq][K, V][layers][ctx][kv_heads][head_dim], mmap-reserved
+  size_t kv_bytes_ = 0;
+  int64_t slot_floats_ = 0;  // floats of one slot's K (= of its V)
+  std::vector<int64_t> lengths_;  // cached tokens per slot
   // scratch, grown to the largest m seen: no allocation per decode step after the first
-  std::vector<float> x_, h_, q_, k_, v_, att_, o_, g_, u_, sc_;
+  std::vector<float> x_, h_, q_, k_, v_, att_, o_, g_, u_, sc_, xo_;
+  std::vector<int32_t> slots_, pos_;  // per row of the current call
   const float* rope_src_[2] = {nullptr, nullptr};  // inv_freq the tables below were made for
   std::vector<float> rope_cs_[2];
 };

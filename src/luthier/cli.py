@@ -57,14 +57,14 @@ def _sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def _load(a):
+def _load(a, n_seq: int = 1):
     from .engine import QuantConfig, load_model
 
     cfg = QuantConfig(bits=a.bits, group_size=a.group_size, head_bits=a.head_bits,
                       mode=a.mode, symmetric=a.symmetric)
     cb, close = _progress_bar()
     try:
-        return load_model(a.model, cfg, a.threads, a.ctx, progress=cb)
+        return load_model(a.model, cfg, a.threads, a.ctx, progress=cb, n_seq=n_seq)
     finally:
         close()
 

@@ -199,10 +199,12 @@ def load_model(
     ctx: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     native: bool = True,
+    n_seq: int = 1,
 ) -> LoadedModel:
     """Open a GGUF file (or Hugging Face folder), quantize its linear layers, build the model.
 
     native: run the decode step in C++ (csrc/runtime); False keeps the numpy Transformer.
+    n_seq: KV slots of the native model (sequences decoded together by the server).
     """
     quant = quant or QuantConfig()
     n_threads = n_threads or min(os.cpu_count() or 1, 8)
@@ -210,7 +212,7 @@ def load_model(
     t0 = time.perf_counter()
     args, weights, tok, meta = read_float_model(path, progress)
     load_s = time.perf_counter() - t0
-    lm = _build(path, args, weights, tok, meta, quant, n_threads, progress, ctx, native)
+    lm = _build(path, args, weights, tok, meta, quant, n_threads, progress, ctx, native, n_seq)
     lm.load_seconds = load_s
     return lm
 
@@ -218,7 +220,7 @@ def load_model(
 DEFAULT_CTX = 4096  # like llama.cpp: the model's own context only on request (KV memory)
 
 
-def _build(path, args, weights, tok, meta, quant, n_threads, progress, ctx, native) -> LoadedModel:
+def _build(path, args, weights, tok, meta, quant, n_threads, progress, ctx, native, n_seq=1) -> LoadedModel:
     from .models import Transformer
 
     t0 = time.perf_counter()
@@ -245,7 +247,7 @@ def _build(path, args, weights, tok, meta, quant, n_threads, progress, ctx, nati
     if native:
         from .native import NativeModel
 
-        runner = NativeModel(model, n_ctx, n_threads, quant.mode)
+        runner = NativeModel(model, n_ctx, n_threads, quant.mode, n_seq=n_seq)
     lm = LoadedModel(path, args, runner, tok, meta, quant, n_threads)
     lm.quantize_seconds = time.perf_counter() - t0
     lm.linear_bytes = int(sum(getattr(l, "nbytes", 0) for l in linears))

@@ -73,6 +73,67 @@ class StopMatcher:
         return out
 
 
+class TokenStream:
+    """The per-sequence half of generation: sampling, stop tokens and strings, streaming
+    detokenization, statistics. It is fed one row of logits at a time and never runs the
+    model, so one driver can run one sequence (generate_stream) or many in a batch (the
+    server's scheduler) with the very same stopping and text rules."""
+
+    def __init__(self, lm, prompt_ids: Sequence[int], max_tokens: int = 256, sampler=None,
+                 stop: Sequence[str] | None = None, stop_ids: Sequence[int] | None = None,
+                 ctx: int | None = None):
+        from .sample import Sampler
+
+        self.sampler = sampler or Sampler(temperature=0.0)
+        self.ids = [int(t) for t in prompt_ids]
+        if not self.ids:
+            raise ValueError("the prompt has no tokens")
+        cap = lm.extra.get("ctx") or 1 << 62
+        self.n_ctx = min(ctx or lm.extra.get("ctx") or lm.args.max_seq_len, cap)
+        if len(self.ids) >= self.n_ctx:
+            raise ValueError(f"the prompt has {len(self.ids)} tokens; the context holds {self.n_ctx}")
+        self.max_tokens = max(0, min(int(max_tokens), self.n_ctx - len(self.ids)))
+        self.stop_set = set(lm.tokenizer.eos_ids) | set(stop_ids or ())
+        self.stats = GenerationStats(prompt_tokens=len(self.ids),
+                                     weight_bytes_per_token=lm.weight_bytes_per_token)
+        self.detok = lm.tokenizer.stream()
+        self.matcher = StopMatcher(list(stop or []))
+        self.history = list(self.ids)
+        self.done = False
+        self.last_token: int | None = None
+        self._t_decode: float | None = None
+
+    def finish(self, reason: str) -> GenerationChunk:
+        """The last chunk: text held back so far, the finish reason and the statistics."""
+        self.done = True
+        if self._t_decode is not None:
+            self.stats.decode_seconds = time.perf_counter() - self._t_decode
+        tail = "" if self.matcher.done else self.matcher.push(self.detok.flush()) + self.matcher.flush()
+        return GenerationChunk(None, tail, reason, self.stats)
+
+    def step(self, logits: np.ndarray) -> list[GenerationChunk]:
+        """Sample the next token from logits [vocab]; the chunks it yields (the last one
+        carries finish_reason when the sequence ends; then `done` is set)."""
+        if self.done:
+            raise RuntimeError("the sequence has finished")
+        if self._t_decode is None:  # the first token comes from the prefill's logits
+            self._t_decode = time.perf_counter()
+        tok = int(self.sampler.sample(logits, self.history))
+        self.stats.completion_tokens += 1
+        self.history.append(tok)
+        self.last_token = tok
+        if tok in self.stop_set:
+            return [self.finish("stop")]
+        text = self.matcher.push(self.detok.feed(tok))
+        if self.matcher.done:
+            out = [GenerationChunk(tok, text)] if text else []
+            return out + [self.finish("stop")]
+        out = [GenerationChunk(tok, text)]
+        if self.stats.completion_tokens >= self.max_tokens:
+            out.append(self.finish("length"))
+        return out
+
+
 def generate_stream(
     lm,
     prompt_ids: Sequence[int],
@@ -84,57 +145,25 @@ def generate_stream(
     prefill_chunk: int = 256,
 ) -> Iterator[GenerationChunk]:
     """Yield GenerationChunks for a prompt; the last one carries finish_reason and stats."""
-    from .sample import Sampler
-
-    model = lm.model
-    sampler = sampler or Sampler(temperature=0.0)
-    ids = [int(t) for t in prompt_ids]
-    if not ids:
-        raise ValueError("the prompt has no tokens")
-    n_ctx = min(ctx or lm.extra.get("ctx") or lm.args.max_seq_len, lm.extra.get("ctx") or 1 << 62)
-    if len(ids) >= n_ctx:
-        raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {n_ctx}")
-    max_tokens = max(0, min(int(max_tokens), n_ctx - len(ids)))
-    stop_set = set(lm.tokenizer.eos_ids) | set(stop_ids or ())
-    cache = model.new_cache(min(n_ctx, len(ids) + max_tokens + 1))
-    stats = GenerationStats(prompt_tokens=len(ids), weight_bytes_per_token=lm.weight_bytes_per_token)
-    detok = lm.tokenizer.stream()
-    matcher = StopMatcher(list(stop or []))
-
+    st = TokenStream(lm, prompt_ids, max_tokens, sampler, stop, stop_ids, ctx)
+    model, ids = lm.model, st.ids
+    cache = model.new_cache(min(st.n_ctx, len(ids) + st.max_tokens + 1))
     t0 = time.perf_counter()
     logits = None
     for s in range(0, len(ids), prefill_chunk):  # chunks bound the activation memory
         chunk = np.asarray(ids[s : s + prefill_chunk], np.int64)
         logits = model.forward(chunk, cache, s, last_only=True)
-    stats.prefill_seconds = time.perf_counter() - t0
-    if max_tokens == 0:
-        yield GenerationChunk(None, "", "length", stats)
+    st.stats.prefill_seconds = time.perf_counter() - t0
+    if st.max_tokens == 0:
+        yield st.finish("length")
         return
-    history = list(ids)
     pos = len(ids)
-    t1 = time.perf_counter()
-    finish = "length"
     while True:
-        tok = int(sampler.sample(logits[-1], history))
-        stats.completion_tokens += 1
-        history.append(tok)
-        if tok in stop_set:
-            finish = "stop"
-            break
-        text = matcher.push(detok.feed(tok))
-        if matcher.done:
-            finish = "stop"
-            if text:
-                yield GenerationChunk(tok, text)
-            break
-        yield GenerationChunk(tok, text)
-        if stats.completion_tokens >= max_tokens:
-            break
-        logits = model.forward(np.asarray([tok], np.int64), cache, pos)
+        yield from st.step(logits[-1])
+        if st.done:
+            return
+        logits = model.forward(np.asarray([st.last_token], np.int64), cache, pos)
         pos += 1
-    stats.decode_seconds = time.perf_counter() - t1
-    tail = "" if matcher.done else matcher.push(detok.flush()) + matcher.flush()
-    yield GenerationChunk(None, tail, finish, stats)
 
 
 @dataclass

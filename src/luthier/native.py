@@ -2,8 +2,10 @@
 
 `NativeModel` has the interface of `Transformer` that generation uses (`forward`,
 `new_cache`, `args`, `vocab_size`), so either can run a model; the numpy Transformer is
-the oracle the native one is tested against. One native model holds one KV cache (one
-sequence at a time).
+the oracle the native one is tested against. A native model holds `n_seq` KV slots:
+`new_cache(slot=...)` hands one out for the single-sequence interface, and
+`forward_batch` runs rows of several sequences as one batch (continuous batching in the
+server).
 """
 
 from __future__ import annotations
@@ -22,16 +24,17 @@ _VECTORS = (("attn_norm", "attn_norm"), ("ffn_norm", "ffn_norm"),
 
 
 class NativeCache:
-    """Handle on the native decoder's own KV cache (for the Transformer-like interface)."""
+    """Handle on one KV slot of the native decoder (for the Transformer-like interface)."""
 
-    def __init__(self, dec, max_seq_len: int):
+    def __init__(self, dec, max_seq_len: int, slot: int = 0):
         self._dec = dec
         self.max_seq_len = max_seq_len
-        dec.reset()
+        self.slot = slot
+        dec.release(slot)
 
     @property
     def length(self) -> int:
-        return self._dec.length
+        return self._dec.slot_length(self.slot)
 
 
 def _set_linear(dec, layer: int, name: str, lin) -> None:
@@ -48,7 +51,7 @@ def _set_linear(dec, layer: int, name: str, lin) -> None:
 
 
 class NativeModel:
-    def __init__(self, model, ctx: int, n_threads: int = 1, mode: str = "exact"):
+    def __init__(self, model, ctx: int, n_threads: int = 1, mode: str = "exact", n_seq: int = 1):
         a = model.args
         self.args = a
         self.vocab_size = model.vocab_size
@@ -60,7 +63,7 @@ class NativeModel:
             attn_softcap=float(a.attn_logit_softcap or 0.0),
             final_softcap=float(a.final_logit_softcap or 0.0),
             neox=a.rope_style == "neox", gelu=a.activation == "gelu_tanh", mode=mode,
-            n_threads=int(n_threads))
+            n_threads=int(n_threads), n_seq=int(n_seq))
         emb = model.tok_embd
         if emb.dtype == np.float16:
             dec.set_embedding_f16(np.ascontiguousarray(emb).view(np.uint16))
@@ -81,6 +84,7 @@ class NativeModel:
         dec.check()
         self._dec = dec
         self.ctx = int(ctx)
+        self.n_seq = int(n_seq)
 
     @property
     def n_threads(self) -> int:
@@ -90,11 +94,30 @@ class NativeModel:
     def n_threads(self, n: int) -> None:
         self._dec.n_threads = n
 
-    def new_cache(self, max_seq_len: int | None = None, dtype=None) -> NativeCache:
+    def new_cache(self, max_seq_len: int | None = None, dtype=None, slot: int = 0) -> NativeCache:
+        """Slot `slot`, emptied (its previous sequence is forgotten)."""
         n = self.ctx if max_seq_len is None else int(max_seq_len)
         if n > self.ctx:
             raise ValueError(f"a cache of {n} tokens exceeds the native context of {self.ctx}")
-        return NativeCache(self._dec, n)
+        if not 0 <= slot < self.n_seq:
+            raise ValueError(f"slot {slot} out of range (the model has {self.n_seq} KV slots)")
+        return NativeCache(self._dec, n, slot)
+
+    def release(self, slot: int) -> None:
+        """Forget slot's sequence and return its KV memory to the OS."""
+        self._dec.release(int(slot))
+
+    def forward_batch(self, tokens, slots, positions, out_rows) -> np.ndarray:
+        """Row i is token tokens[i] of sequence slots[i] at positions[i] (a slot's rows are
+        consecutive positions, starting at most at its cached length); returns the logits
+        of rows out_rows: [len(out_rows), vocab]."""
+        t = np.ascontiguousarray(tokens, np.int32).reshape(-1)  # [m]
+        s = np.ascontiguousarray(slots, np.int32).reshape(-1)
+        p = np.ascontiguousarray(positions, np.int32).reshape(-1)
+        r = np.ascontiguousarray(out_rows, np.int32).reshape(-1)
+        out = np.empty((r.size, self.vocab_size), np.float32)
+        self._dec.forward_batch(t, s, p, r, out)
+        return out
 
     def forward(self, tokens, cache: NativeCache, start_pos: int, last_only: bool = False) -> np.ndarray:
         t = np.ascontiguousarray(np.asarray(tokens).reshape(-1), dtype=np.int32)  # [m]
@@ -103,7 +126,7 @@ class NativeModel:
         if start_pos + t.size > cache.max_seq_len:
             raise ValueError(f"context full: {start_pos + t.size} tokens > {cache.max_seq_len}")
         out = np.empty((1 if last_only else t.size, self.vocab_size), np.float32)
-        self._dec.forward(t, int(start_pos), out, not last_only)
+        self._dec.forward(t, int(start_pos), out, not last_only, cache.slot)
         return out
 
     __call__ = forward

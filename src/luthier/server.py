@@ -33,10 +33,12 @@ Decisions where the OpenAI API leaves room:
   surrogates are invalid JSON; every error is {"error": {"message", "type", "param",
   "code"}}, 4xx for client input.
 
-One thread owns the model and runs requests one at a time from a bounded queue (full:
-503 with Retry-After); the HTTP loop never waits on it, and a client that disconnects
-cancels its request between two tokens. Requests are not yet decoded together
-(continuous batching is not implemented).
+One thread owns the model and takes requests from a bounded queue (full: 503 with
+Retry-After); the HTTP loop never waits on it. Up to --parallel requests decode together
+(continuous batching, server_batch.py: one batched forward per step, new requests join
+between steps, prompts are fed in chunks of --batch-tokens); the others wait in the
+queue. KV memory is bounded by --parallel x --ctx tokens and a finished or disconnected
+request's KV pages go back to the OS.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import sys
 import threading
 
 DEFAULT_MAX_QUEUE = 64
+DEFAULT_PARALLEL = 8
 
 
 def make_app(lm, model_id: str | None = None, api_key: str | None = None,
@@ -155,6 +158,11 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' (default: $LUTHIER_API_KEY; none: open)")
     s.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help="requests held at once, waiting or running; more get 503")
+    s.add_argument("--parallel", "-np", type=int, default=DEFAULT_PARALLEL,
+                   help="requests decoded together, each with its own --ctx of KV cache "
+                        f"(default {DEFAULT_PARALLEL})")
+    s.add_argument("--batch-tokens", type=int, default=None,
+                   help="rows per batched forward: decode tokens plus prompt chunks (default 256)")
     s.add_argument("--model-id", default=None, help="the model's id in the API (default: the file name)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _common(s)
@@ -173,20 +181,24 @@ def cmd_serve(a) -> int:
         return 1
     if a.max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1, got {a.max_queue}")
+    if a.parallel < 1:
+        raise ValueError(f"--parallel must be >= 1, got {a.parallel}")
+    if a.batch_tokens is not None and a.batch_tokens < 1:
+        raise ValueError(f"--batch-tokens must be >= 1, got {a.batch_tokens}")
     if not 0 <= a.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {a.port}")
     if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
         print(f"luthier: warning: listening on {a.host} without --api-key: anyone who can reach "
               "this address can use the model", file=sys.stderr)
-    lm = _load(a)
+    lm = _load(a, n_seq=a.parallel + 1)  # slot 0 stays for scoring and single calls
 
     def ready(url: str) -> None:
         print(f"luthier: serving {os.path.basename(lm.path)} (bits {a.bits}, ctx {lm.extra.get('ctx')}, "
-              f"{lm.n_threads} threads) at {url}/v1", file=sys.stderr, flush=True)
+              f"{a.parallel} parallel, {lm.n_threads} threads) at {url}/v1", file=sys.stderr, flush=True)
 
     try:
         serve(lm, a.host, a.port, log_level=a.log_level, on_ready=ready, model_id=a.model_id,
-              api_key=a.api_key, max_queue=a.max_queue)
+              api_key=a.api_key, max_queue=a.max_queue, batch_tokens=a.batch_tokens)
     except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises the signal
         pass
     print("luthier: server stopped", file=sys.stderr)

@@ -58,13 +58,13 @@ class Server:
     """State shared by the endpoints: the model's worker, its id, the limits."""
 
     def __init__(self, lm, model_id: str | None, api_key: str | None, max_queue: int,
-                 max_body_bytes: int):
+                 max_body_bytes: int, batch_tokens: int | None = None):
         self.lm, self.tok = lm, lm.tokenizer
         self.model_id = model_id or served_model_id(lm)
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.n_ctx = int(lm.extra.get("ctx") or lm.args.max_seq_len)
-        self.worker = Worker(lm, max_queue)
+        self.worker = Worker(lm, max_queue, batch_tokens)
         self.created = int(time.time())
         self.fingerprint = f"luthier-{__version__}-b{lm.quant.bits}g{lm.quant.group_size}"
 
@@ -357,12 +357,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def make_app(lm, model_id: str | None = None, api_key: str | None = None, max_queue: int = 64,
-             max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
+             max_body_bytes: int = MAX_BODY_BYTES, batch_tokens: int | None = None) -> Starlette:
     """The ASGI app serving `lm`. Its model thread starts and stops with the app's
     lifespan; `app.state.server` holds the Server (and `.worker`)."""
     if max_queue < 1:
         raise ValueError(f"max_queue must be >= 1, got {max_queue}")
-    srv = Server(lm, model_id, api_key, max_queue, max_body_bytes)
+    srv = Server(lm, model_id, api_key, max_queue, max_body_bytes, batch_tokens)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -1,10 +1,12 @@
-"""The one thread that owns the model: it takes jobs from a bounded queue and runs them
-one at a time (the native model holds a single KV cache and is not thread-safe).
+"""The one thread that owns the model (the native model is not thread-safe): it takes jobs
+from a bounded queue. Generation jobs go to the BatchScheduler (server_batch.py), which
+decodes all running requests together, one batched forward per step; other jobs
+(CallJob) run between two steps. A model without KV slots (the numpy Transformer) runs
+generation jobs one at a time instead.
 
 Results go back to the HTTP event loop through `loop.call_soon_threadsafe`, so the loop
 never waits on the model. A job is cancelled (its client went away) by setting its
-event; the worker checks it between tokens and drops jobs still waiting.
-Not done yet: decoding several requests together (continuous batching).
+event; the worker checks it between steps and frees its KV slot.
 """
 
 from __future__ import annotations
@@ -223,15 +225,33 @@ class Worker:
     """The model's thread and its bounded queue. `max_queue` bounds the requests held
     at once (waiting plus running); past it `submit` raises a 503 APIError."""
 
-    def __init__(self, lm, max_queue: int = 64):
+    def __init__(self, lm, max_queue: int = 64, batch_tokens: int | None = None):
+        from .server_batch import DEFAULT_BATCH_TOKENS, BatchScheduler
+
         self.lm, self.max_queue = lm, max_queue
         self._pending: collections.deque[Job] = collections.deque()
         self._running: Job | None = None
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.n_done = 0
-        self.n_cancelled = 0
+        self._n_done = 0
+        self._n_cancelled = 0
+        # batching needs a model with KV slots beyond slot 0 (NativeModel, n_seq > 1)
+        self.sched = None
+        if getattr(lm.model, "n_seq", 1) > 1 and hasattr(lm.model, "forward_batch"):
+            self.sched = BatchScheduler(lm, batch_tokens or DEFAULT_BATCH_TOKENS)
+
+    @property
+    def n_done(self) -> int:
+        return self._n_done + (self.sched.n_done if self.sched else 0)
+
+    @property
+    def n_cancelled(self) -> int:
+        return self._n_cancelled + (self.sched.n_cancelled if self.sched else 0)
+
+    def _held(self) -> int:
+        """Requests waiting or running."""
+        return len(self._pending) + (self._running is not None) + (self.sched.n_jobs if self.sched else 0)
 
     def start(self) -> None:
         if self._thread is None:
@@ -260,13 +280,13 @@ class Worker:
 
     @property
     def busy(self) -> bool:
-        return self._running is not None
+        return self._running is not None or bool(self.sched and self.sched.n_jobs)
 
     def check_capacity(self) -> None:
         """503 now if a job could not be queued (before a request spends work on it)."""
         if self._stopping or self._thread is None:
             raise APIError(503, "the server is not running", "server_error", code="unavailable")
-        if len(self._pending) + (self._running is not None) >= self.max_queue:
+        if self._held() >= self.max_queue:
             raise APIError(503, f"the server is busy ({self.max_queue} requests held); retry later",
                            "server_error", code="queue_full", headers={"Retry-After": "1"})
 
@@ -285,8 +305,8 @@ class Worker:
             try:
                 self._pending.remove(job)
             except ValueError:
-                return
-            self.n_cancelled += 1
+                return  # running (the scheduler drops it at its next step) or done
+            self._n_cancelled += 1
 
     def call(self, fn: Callable[[Any], Any], timeout: float | None = None) -> Any:
         """fn(lm) on the model thread, waiting for its result (never from the event loop)."""
@@ -295,20 +315,40 @@ class Worker:
         return job.future.result(timeout)
 
     def _loop(self) -> None:
+        sched = self.sched
         while True:
             with self._cv:
-                while not self._pending and not self._stopping:
+                while not self._pending and not self._stopping and not (sched and sched.active):
                     self._cv.wait()
                 if self._stopping:
+                    if sched:
+                        sched.fail_all("the server is shutting down")
                     return
-                job = self._running = self._pending.popleft()
-            try:
-                if not job.cancelled.is_set():
-                    job.run(self.lm)
-            finally:
-                with self._cv:
+                if sched and sched.active and not self._pending:
+                    job = None
+                else:
+                    job = self._running = self._pending.popleft()
+            if job is not None and sched is not None and isinstance(job, GenJob):
+                with self._cv:  # the scheduler counts it from here on (see _held)
+                    sched.add(job)
                     self._running = None
-                    if job.cancelled.is_set():
-                        self.n_cancelled += 1
-                    else:
-                        self.n_done += 1
+                continue  # take every queued job before the next step
+            if job is not None:
+                self._run_one(job)
+                continue
+            try:
+                sched.step()
+            except Exception as e:  # noqa: BLE001 - our failure: fail the batch, keep serving
+                sched.fail_all(f"generation failed: {type(e).__name__}: {e}")
+
+    def _run_one(self, job: Job) -> None:
+        try:
+            if not job.cancelled.is_set():
+                job.run(self.lm)
+        finally:
+            with self._cv:
+                self._running = None
+                if job.cancelled.is_set():
+                    self._n_cancelled += 1
+                else:
+                    self._n_done += 1

@@ -1,0 +1,221 @@
+"""Continuous batching: the server's requests decode together through one model.
+
+Every running sequence holds a KV slot of the native model (slots 1..n_seq-1; slot 0 stays
+for the single-sequence interface that CallJobs and prompt scoring use). Each `step` runs
+ONE forward over a batch of rows:
+
+    [the next token of every decoding sequence] + [prompt chunks of prefilling sequences]
+
+so the weights are read once for all of them (the m > 1 LUT matmul), and a long prompt is
+fed in chunks of at most `batch_tokens` rows per step, so it never stalls the others for
+long. New sequences join between steps as slots free up; finished and cancelled ones leave
+and their KV pages go back to the OS (NativeModel.release).
+
+Every row's arithmetic is independent of the rest of its batch (tables, lookups, attention
+and the head are per row), so a greedy request gives the same tokens alone or under load.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .generate import GenerationChunk, TokenStream
+from .sample import Sampler
+
+DEFAULT_BATCH_TOKENS = 256  # rows per forward: decode tokens first, prompt chunks after
+
+
+@dataclass
+class _Seq:
+    """One prompt of a GenJob while it runs."""
+
+    job: object  # server_worker.GenJob
+    index: int
+    stream: TokenStream
+    hook: object  # server_worker._SamplingHook
+    eos: set
+    slot: int = -1
+    fed: int = 0  # tokens in the slot's cache
+    t_admit: float = field(default_factory=time.perf_counter)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < len(self.stream.ids)
+
+
+class BatchScheduler:
+    """Runs the GenJobs handed to `add` together, one `step` at a time, on the thread that
+    owns the model. `n_jobs`: jobs not finished yet (waiting or running)."""
+
+    def __init__(self, lm, batch_tokens: int = DEFAULT_BATCH_TOKENS):
+        self.lm = lm
+        self.model = lm.model
+        self.batch_tokens = max(1, int(batch_tokens))
+        self.free_slots = collections.deque(range(1, self.model.n_seq))
+        self.waiting: collections.deque[_Seq] = collections.deque()
+        self.running: list[_Seq] = []
+        self._left: dict[object, int] = {}  # job -> sequences not finished
+        self.n_done = 0
+        self.n_cancelled = 0
+        self.steps = 0
+        self.max_rows = 0  # the largest batch so far (rows of one forward)
+        self.max_decode = 0  # the most decode rows (sequences) in one forward so far
+
+    @property
+    def n_jobs(self) -> int:
+        return len(self._left)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, job) -> None:
+        """Queue every prompt of a GenJob; a prompt that cannot run fails the whole job."""
+        from .server_worker import JobFailed, _SamplingHook
+
+        p = job.params
+        seqs = []
+        try:
+            for i, ids in enumerate(job.prompts):
+                sampler = Sampler(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                                  min_p=p.min_p, repetition_penalty=p.repetition_penalty, seed=p.seed)
+                hook = _SamplingHook(sampler, p, self.lm.tokenizer.vocab_size)
+                st = TokenStream(self.lm, ids, job.max_tokens[i], hook, stop=p.stop)
+                seqs.append(_Seq(job, i, st, hook, set(self.lm.tokenizer.eos_ids)))
+        except Exception as e:  # noqa: BLE001 - requests were checked; report, do not crash
+            job.emit(JobFailed(f"generation failed: {type(e).__name__}: {e}"))
+            job.emit(None)
+            self.n_done += 1
+            return
+        self._left[job] = len(seqs)
+        self.waiting.extend(seqs)
+
+    def fail_all(self, message: str) -> None:
+        from .server_worker import JobFailed
+
+        for job in list(self._left):
+            job.emit(JobFailed(message))
+            job.emit(None)
+        for s in self.running:
+            self.model.release(s.slot)
+            self.free_slots.append(s.slot)
+        self.running.clear()
+        self.waiting.clear()
+        self._left.clear()
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        if not self.running:
+            return
+        tokens, slots, positions, out_rows, out_seqs = [], [], [], [], []
+        for s in self.running:  # decode rows first: one token each
+            if not s.prefilling:
+                tokens.append(s.stream.last_token)
+                slots.append(s.slot)
+                positions.append(s.fed)
+                out_rows.append(len(tokens) - 1)
+                out_seqs.append(s)
+        self.max_decode = max(self.max_decode, len(tokens))
+        budget = self.batch_tokens - len(tokens)
+        for s in self.running:  # then prompt chunks, oldest first, while the budget lasts
+            if not s.prefilling or budget <= 0:
+                continue
+            ids = s.stream.ids
+            n = min(budget, len(ids) - s.fed)
+            tokens.extend(ids[s.fed : s.fed + n])
+            slots.extend([s.slot] * n)
+            positions.extend(range(s.fed, s.fed + n))
+            budget -= n
+            if s.fed + n == len(ids):  # the prompt's last row gives the first token
+                out_rows.append(len(tokens) - 1)
+                out_seqs.append(s)
+        if not tokens:
+            return
+        logits = self.model.forward_batch(tokens, slots, positions, out_rows)  # [len(out_rows), vocab]
+        self.steps += 1
+        self.max_rows = max(self.max_rows, len(tokens))
+        # every row is now cached: advance each sequence past the rows it fed
+        fed = collections.Counter(slots)
+        for s in self.running:
+            s.fed += fed.get(s.slot, 0)
+        now = time.perf_counter()
+        for s, row in zip(out_seqs, logits):
+            if s.stream.stats.prefill_seconds == 0.0:
+                s.stream.stats.prefill_seconds = now - s.t_admit
+            for ch in s.stream.step(row):
+                self._emit(s, ch)
+            if s.stream.done:
+                self._finish(s)
+
+    def _admit(self) -> None:
+        from .server_worker import Delta, score_prompt
+
+        while self.waiting and self.free_slots:
+            s = self.waiting.popleft()
+            p, job = s.job.params, s.job
+            ids = s.stream.ids
+            if p.echo:  # prompt logprobs: one full forward in the scoring slot (0)
+                infos = score_prompt(self.lm, ids, p.logprobs, job.cancelled) if p.logprobs is not None else []
+                if infos is None:
+                    continue  # cancelled while scoring; _drop_cancelled settles the job
+                job.emit(Delta(s.index, job.echo_texts[s.index] if job.echo_texts else "", infos, echo=True))
+            if s.stream.max_tokens == 0:  # nothing to generate: no slot, no prefill
+                self._emit(s, s.stream.finish("length"))
+                self._seq_done(s)
+                continue
+            s.slot = self.free_slots.popleft()
+            self.model.release(s.slot)
+            s.t_admit = time.perf_counter()
+            self.running.append(s)
+
+    def _emit(self, s: _Seq, ch: GenerationChunk) -> None:
+        from .server_worker import Delta
+
+        infos = s.hook.take()
+        if ch.finish_reason:
+            # the end-of-sequence token ends the text and is not part of it
+            if infos and ch.token is None and infos[-1].token in s.eos and ch.finish_reason == "stop":
+                infos = infos[:-1]
+            st = ch.stats
+            s.job.emit(Delta(s.index, ch.text, infos, finish_reason=ch.finish_reason,
+                             prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens))
+        elif ch.text or infos:
+            s.job.emit(Delta(s.index, ch.text, infos))
+
+    def _finish(self, s: _Seq) -> None:
+        self.running.remove(s)
+        self.model.release(s.slot)
+        self.free_slots.append(s.slot)
+        self._seq_done(s)
+
+    def _seq_done(self, s: _Seq) -> None:
+        left = self._left.get(s.job)
+        if left is None:
+            return
+        if left <= 1:
+            del self._left[s.job]
+            s.job.emit(None)
+            self.n_done += 1
+        else:
+            self._left[s.job] = left - 1
+
+    def _drop_cancelled(self) -> None:
+        gone = [j for j in self._left if j.cancelled.is_set()]
+        if not gone:
+            return
+        for s in [s for s in self.running if s.job.cancelled.is_set()]:
+            self.running.remove(s)
+            self.model.release(s.slot)
+            self.free_slots.append(s.slot)
+        self.waiting = collections.deque(s for s in self.waiting if not s.job.cancelled.is_set())
+        for j in gone:
+            del self._left[j]
+            j.emit(None)
+            self.n_cancelled += 1
