@@ -130,6 +130,20 @@ void bind_runtime(nb::module_& m) {
              self.keep.push_back(nb::cast(w));
              self.keep.push_back(nb::cast(scale));
            }, nb::arg("layer"), nb::arg("name"), nb::arg("k"), nb::arg("w").noconvert(), nb::arg("scale").noconvert())
+      .def("set_perm", [](PyDecoder& self, int li, const std::string& name, Arr<const int32_t, nb::ndim<1>> perm) {
+             Linear* L = self.linear_slot(li, name);
+             if (int64_t(perm.shape(0)) != L->k || L->k == 0)
+               throw std::invalid_argument("perm must have length k (set the weight first)");
+             std::vector<char> seen(size_t(L->k), 0);
+             for (int64_t j = 0; j < L->k; ++j) {
+               const int32_t v = perm.data()[j];
+               if (v < 0 || v >= L->k || seen[size_t(v)]) throw std::invalid_argument("perm is not a permutation of range(k)");
+               seen[size_t(v)] = 1;
+             }
+             L->perm = perm.data();
+             self.keep.push_back(nb::cast(perm));
+           }, nb::arg("layer"), nb::arg("name"), nb::arg("perm").noconvert(),
+           "input column order of an act-order linear: y = x[:, perm] @ w.T")
       .def("set_vector", [](PyDecoder& self, int li, const std::string& name, Arr<const float, nb::ndim<1>> v) {
              const float** slot = self.vector_slot(li, name);
              if (int64_t(v.shape(0)) != self.vector_len(li, name))

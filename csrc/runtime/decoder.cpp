@@ -122,7 +122,27 @@ void Decoder::linear(const Linear& w, const float* x, int64_t m, float* y, const
   prof_ns[1] += ns_since(t0);
 }
 
+// x [m, k] (RMS-normalized first when norm_w) with columns reordered: out[i, j] =
+// x[i, perm[j]], into scratch xp_ [m, k]
+const float* Decoder::gather(const int32_t* perm, const float* x, int64_t m, int64_t k,
+                             const float* norm_w) {
+  const float* src = x;
+  if (norm_w) {
+    h_.resize(size_t(m * k));
+    rms_norm_rows(x, m, k, norm_w, cfg.norm_eps, h_.data());
+    src = h_.data();
+  }
+  xp_.resize(size_t(m * k));
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < k; ++j) xp_[size_t(i * k + j)] = src[i * k + perm[j]];
+  return xp_.data();
+}
+
 void Decoder::linear_impl(const Linear& w, const float* x, int64_t m, float* y, const float* norm_w) {
+  if (w.perm) {
+    x = gather(w.perm, x, m, w.k, norm_w);
+    norm_w = nullptr;
+  }
   if (w.is_lut) {
     lut_linear(w.lut, cfg.mode, x, m, norm_w, cfg.norm_eps, y, n_threads, "");
     return;
@@ -158,7 +178,7 @@ void Decoder::linears(const Linear* const* ws, float* const* ys, int count, cons
   bool shared = count <= kMaxMulti;
   for (int i = 0; i < count; ++i)
     shared = shared && ws[i]->is_lut && ws[i]->lut.ps.group_size == ws[0]->lut.ps.group_size &&
-             ws[i]->lut.ps.k == ws[0]->lut.ps.k;
+             ws[i]->lut.ps.k == ws[0]->lut.ps.k && ws[i]->perm == ws[0]->perm;
   if (!shared) {
     for (int i = 0; i < count; ++i) linear(*ws[i], x, m, ys[i], norm_w);
     return;
@@ -166,6 +186,10 @@ void Decoder::linears(const Linear* const* ws, float* const* ys, int count, cons
   PackedRef refs[kMaxMulti];
   for (int i = 0; i < count; ++i) refs[i] = ws[i]->lut;
   const auto t0 = Clock::now();
+  if (ws[0]->perm) {  // one gather for all: they take the same reordered input
+    x = gather(ws[0]->perm, x, m, ws[0]->k, norm_w);
+    norm_w = nullptr;
+  }
   lut_linear_multi(refs, ys, count, cfg.mode, x, m, norm_w, cfg.norm_eps, n_threads, "");
   prof_ns[1] += ns_since(t0);
 }

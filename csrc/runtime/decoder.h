@@ -24,6 +24,9 @@ struct Linear {  // a LUT weight, an int8 one (int8_gemm.h), or a float one [n, 
   int64_t n = 0, k = 0;
   const int8_t* q8 = nullptr;  // [n, int8_kp(k)]
   const uint16_t* q8_scale = nullptr;  // fp16 [n, int8_kp(k) / 32]
+  // act-order (GPTQ g_idx) imports: y = x[:, perm] @ w.T; groups are contiguous in the
+  // permuted order. Linears given the same perm array share one gather and table build.
+  const int32_t* perm = nullptr;  // [k] or null
 };
 
 struct LayerWeights {
@@ -87,6 +90,7 @@ class Decoder {
                const float* norm_w);
   void attention(int layer, const float* q, int64_t m, float* out);
   void linear_impl(const Linear& w, const float* x, int64_t m, float* y, const float* norm_w);
+  const float* gather(const int32_t* perm, const float* x, int64_t m, int64_t k, const float* norm_w);
   void attention_impl(int layer, const float* q, int64_t m, float* out);
   float* k_cache(int64_t slot, int64_t layer) const;  // [ctx, kv_heads, head_dim]
   float* v_cache(int64_t slot, int64_t layer) const;
@@ -95,7 +99,7 @@ class Decoder {
   int64_t slot_floats_ = 0;  // floats of one slot's K (= of its V)
   std::vector<int64_t> lengths_;  // cached tokens per slot
   // scratch, grown to the largest m seen: no allocation per decode step after the first
-  std::vector<float> x_, h_, q_, k_, v_, att_, o_, g_, u_, sc_, xo_;
+  std::vector<float> x_, h_, q_, k_, v_, att_, o_, g_, u_, sc_, xo_, xp_;
   std::vector<int32_t> slots_, pos_;  // per row of the current call
   const float* rope_src_[2] = {nullptr, nullptr};  // inv_freq the tables below were made for
   std::vector<float> rope_cs_[2];

@@ -64,9 +64,15 @@ def _load(a, n_seq: int = 1):
                       mode=a.mode, symmetric=a.symmetric)
     cb, close = _progress_bar()
     try:
-        return load_model(a.model, cfg, a.threads, a.ctx, progress=cb, n_seq=n_seq)
+        lm = load_model(a.model, cfg, a.threads, a.ctx, progress=cb, n_seq=n_seq)
     finally:
         close()
+    from .qfile import ignored_options_note
+
+    note = ignored_options_note(a, lm)  # a quantized file keeps its own bits
+    if note:
+        print(note, file=sys.stderr)
+    return lm
 
 
 def _sampler(a):
@@ -145,6 +151,8 @@ def cmd_info(a) -> int:
     from .loaders.gguf import GGUFFile
 
     path = resolve_model_path(a.model)
+    if os.path.isdir(path):
+        return _info_hf_folder(path)
     f = GGUFFile(path)
     print(f"file: {path}")
     print(f"architecture: {f.architecture}")
@@ -161,12 +169,33 @@ def cmd_info(a) -> int:
     return 0
 
 
+def _info_hf_folder(path: str) -> int:
+    from .loaders.hf_quant import quantization_config
+    from .loaders.safetensors import HFFolder
+
+    with HFFolder(path) as f:
+        cfg = f.config
+        print(f"folder: {path}")
+        print(f"architecture: {cfg.get('model_type', '?')} ({', '.join(cfg.get('architectures') or [])})")
+        for k, v in cfg.items():
+            if not isinstance(v, (dict, list)):
+                print(f"  {k} = {v}")
+        q = quantization_config(cfg, path)
+        print(f"quantization: {q.describe() if q else 'none (float weights; luthier quantizes them)'}")
+        counts: dict[str, int] = {}
+        for t in f.tensors.values():
+            counts[t.dtype] = counts.get(t.dtype, 0) + 1
+        print(f"tensors: {len(f.tensors)} (" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + ")")
+    return 0
+
+
 def cmd_bench(a) -> int:
     import numpy as np
 
     lm = _load(a)
-    print(f"# {os.path.basename(lm.path)}  bits={a.bits} group={a.group_size} "
-          f"head_bits={a.head_bits} mode={a.mode} threads={lm.n_threads}")
+    q = lm.quant  # a quantized file's own settings, else the options
+    print(f"# {os.path.basename(lm.path)}  bits={q.bits} group={q.group_size} "
+          f"head_bits={q.head_bits} mode={q.mode} threads={lm.n_threads}")
     print(f"# load {lm.load_seconds:.2f} s, quantize {lm.quantize_seconds:.2f} s, "
           f"linear weights {lm.linear_bytes / 1e6:.1f} MB")
     model = lm.model
@@ -227,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
     add_ppl_parser(sub)
+    from .qfile import add_qfile_parsers
+
+    add_qfile_parsers(sub)
     return p
 
 
@@ -234,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return a.fn(a)
-    except (FileNotFoundError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError) as e:  # OSError: FileNotFoundError, qfile.WriteError, ...
         print(f"luthier: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

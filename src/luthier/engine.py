@@ -157,19 +157,20 @@ def resolve_model_path(model: str | os.PathLike | None) -> str:
     return str(p)
 
 
-def read_float_model(path: str, progress: Callable[[int, int, str], None] | None = None):
+def read_float_model(path: str, progress: Callable[[int, int, str], None] | None = None, keep_codes: bool = False):
     """(ModelArgs, float32 weights by GGUF name, Tokenizer, metadata) of a GGUF file or a
     Hugging Face folder: config.json, *.safetensors (single or sharded, f32/f16/bf16),
     tokenizer.json (+ tokenizer_config.json). HF weights are renamed to the GGUF names the
     model reads (models.hf_names); their Q/K stay in HF's layout, which
-    ModelArgs.from_hf_config declares (rope_style "neox")."""
+    ModelArgs.from_hf_config declares (rope_style "neox"). GPTQ/AWQ checkpoints' linears come
+    dequantized, or with keep_codes as stand-ins holding their codes (loaders/hf_quant.py)."""
     from .loaders.gguf import GGUFFile
     from .models import ModelArgs
     from .tokenizer import Tokenizer
 
     if os.path.isdir(path):
+        from .loaders.hf_quant import load_hf_weights
         from .loaders.safetensors import HFFolder
-        from .models.hf_names import hf_to_gguf_weights
 
         # load_float copies every tensor out, so the memory maps can close after the loading
         with HFFolder(path) as folder:
@@ -177,10 +178,13 @@ def read_float_model(path: str, progress: Callable[[int, int, str], None] | None
             if folder.tokenizer_json_path is None:
                 raise FileNotFoundError(f"{path}: no tokenizer.json")
             tok = Tokenizer.from_file(folder.tokenizer_json_path, folder.tokenizer_config)
-            weights = hf_to_gguf_weights(folder, args, progress)
+            weights = load_hf_weights(folder, args, progress, keep_codes)
             return args, weights, tok, dict(folder.config)
     f = GGUFFile(path)
     meta = f.metadata
+    if "luthier.format_version" in meta:
+        raise ValueError(f"{path} is a luthier quantized file: it holds no float weights "
+                         "(run or evaluate it as it is, or quantize its source model)")
     args = ModelArgs.from_gguf_metadata(meta)
     tok = Tokenizer.from_gguf_metadata(meta)
     names = list(f.tensors)
@@ -209,8 +213,12 @@ def load_model(
     quant = quant or QuantConfig()
     n_threads = n_threads or min(os.cpu_count() or 1, 8)
     path = resolve_model_path(model)
+    from .qfile import is_luthier_file, load_quantized
+
+    if is_luthier_file(path):  # `luthier quantize` output: packed arrays memory-mapped as they are
+        return load_quantized(path, quant, n_threads, ctx, native, n_seq)
     t0 = time.perf_counter()
-    args, weights, tok, meta = read_float_model(path, progress)
+    args, weights, tok, meta = read_float_model(path, progress, keep_codes=True)
     load_s = time.perf_counter() - t0
     lm = _build(path, args, weights, tok, meta, quant, n_threads, progress, ctx, native, n_seq)
     lm.load_seconds = load_s
@@ -232,7 +240,11 @@ def _build(path, args, weights, tok, meta, quant, n_threads, progress, ctx, nati
         head = name in ("output.weight", "token_embd.weight")
         bits = quant.head_bits if head else quant.bits
         gs = quant.head_group_size if head else quant.group_size
-        lin = make_linear(w, bits, gs, quant, n_threads)
+        imported = getattr(w, "imported", None)  # GPTQ/AWQ codes, used as they are (loaders/hf_quant.py)
+        if imported is not None:
+            lin = imported.linear(quant.mode, n_threads)
+        else:
+            lin = make_linear(w, bits, gs, quant, n_threads)
         linears.append(lin)
         done[0] += 1
         if progress:

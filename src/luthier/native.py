@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _core
-from .kernels import QLinear
+from .kernels import PackedWeight, QLinear
 
 _LINEARS = (("wq", "q"), ("wk", "k"), ("wv", "v"), ("wo", "o"),
             ("w_gate", "gate"), ("w_up", "up"), ("w_down", "down"))
@@ -37,10 +37,18 @@ class NativeCache:
         return self._dec.slot_length(self.slot)
 
 
-def _set_linear(dec, layer: int, name: str, lin) -> None:
-    if isinstance(lin, QLinear):
+def _set_linear(dec, layer: int, name: str, lin, perms: dict | None = None) -> None:
+    perm = getattr(lin, "perm", None)  # act-order import (loaders/hf_quant.PermutedQLinear)
+    if isinstance(lin, QLinear) or (perm is not None and isinstance(getattr(lin, "packed", None), PackedWeight)):
         p = lin.packed
         dec.set_lut(layer, name, p.n, p.k, p.bits, p.group_size, p.w, p.s, p.z, p.zero_const)
+        if perm is not None:
+            # equal perms (q/k/v, gate/up of one GPTQ layer) as one array: the decoder then
+            # gathers the input once and builds one set of tables for all of them
+            key = np.ascontiguousarray(perm, np.int32)
+            if perms is not None:
+                key = perms.setdefault(key.tobytes(), key)
+            dec.set_perm(layer, name, key)
     elif hasattr(lin, "q") and hasattr(lin, "scale"):  # engine.Int8Linear
         dec.set_int8(layer, name, lin.k, lin.q, lin.scale)
     elif hasattr(lin, "wt"):  # engine.FloatLinear holds w.T [k, n]
@@ -72,8 +80,9 @@ class NativeModel:
         dec.set_vector(-1, "out_norm", np.ascontiguousarray(model.output_norm, np.float32))
         _set_linear(dec, -1, "head", model.output)
         for i, layer in enumerate(model.layers):
+            perms: dict = {}
             for attr, name in _LINEARS:
-                _set_linear(dec, i, name, getattr(layer, attr))
+                _set_linear(dec, i, name, getattr(layer, attr), perms)
             for attr, name in _VECTORS:
                 v = getattr(layer, attr, None)
                 if v is not None:

@@ -1,0 +1,599 @@
+"""Quantized model files (`luthier quantize`) and float GGUF export (`luthier convert`).
+
+A luthier file is a GGUF container that loads without repacking or requantizing: the
+packed arrays lie in the file as `kernels.PackedWeight` holds them, and loading hands
+read-only views of the memory map straight to the kernels and the native decoder.
+
+    KV pairs  luthier.format_version (u32, the FIRST key: detection reads one key),
+              luthier.{bits, head_bits} (str: "2", "ternary", ...), luthier.{group_size,
+              head_group_size, method, mode (informative: the loader's mode runs),
+              symmetric, source ("gguf" | "hf")}, luthier.linears (JSON: name -> kind, n,
+              k, and for "lut" bits, group_size, ternary, zero_const), general.alignment 64;
+              then the source GGUF's KV pairs, or an HF folder's JSON files as luthier.hf.*.
+    tensors   "lut":   NAME.lut_w I8 [weight_bytes], NAME.lut_s F16 [scale_count], NAME.lut_z
+                       F16 [scale_count] (absent if symmetric): PackedWeight's w, s, z bytes
+              "int8":  NAME.q8 I8 [n, kp] (kp = k rounded up to 32), NAME.q8_s F16 [n, kp / 32]
+              "float": NAME.f32 F32 [n, k] (--bits 16)
+              norms, embeddings, biases: their GGUF names, F32, or F16 where that is exact, so
+              the loaded model computes bit for bit what the in-memory quantized one does.
+
+Writes are atomic (`atomic_output`): a temp file beside OUT, fsync, rename.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+FORMAT_KEY = "luthier.format_version"
+FORMAT_VERSION = 1
+ALIGNMENT = 64  # every packed array starts on a cache line
+HF_FILES = {  # luthier.hf.<key> -> file of a Hugging Face folder kept in the quantized file
+    "config": "config.json", "tokenizer": "tokenizer.json",
+    "tokenizer_config": "tokenizer_config.json", "generation_config": "generation_config.json",
+    "chat_template": "chat_template.jinja",
+}
+# source keys not copied: the writer sets them, or they describe the source's tensor types
+_SKIP_KEYS = ("general.architecture", "general.alignment", "general.file_type",
+              "general.quantization_version")
+F32, F16 = 0, 1  # general.file_type values (llama_ftype)
+
+Progress = Callable[[int, int, str], None]
+
+
+class WriteError(OSError):
+    """A model file could not be written; str() is the whole message."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@dataclass
+class _Tensor:
+    name: str
+    shape: tuple[int, ...]  # numpy order
+    dtype: Any  # np.float32 | np.float16 | np.int8: the GGML type F32 / F16 / I8
+    make: Callable[[], np.ndarray]  # the data, produced when it is written (keeps memory low)
+
+
+def _io_message(e: OSError, out: str) -> str:
+    known = {errno.ENOSPC: "no space left on device writing", errno.EACCES: "permission denied writing",
+             errno.EPERM: "permission denied writing", errno.EROFS: "read-only file system: cannot write"}
+    return f"{known[e.errno]} {out}" if e.errno in known else f"cannot write {out}: {e.strerror or e}"
+
+
+def check_output(out: str, force: bool) -> str:
+    """The absolute output path; a clear error when it exists (without force) or its
+    directory does not. Checked before any slow work."""
+    out = os.path.abspath(os.fspath(out))
+    if os.path.isdir(out):
+        raise IsADirectoryError(f"output {out} is a directory")
+    if os.path.lexists(out) and not force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise FileNotFoundError(f"output directory {os.path.dirname(out)} does not exist")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output(out: str, force: bool = False) -> Iterator[str]:
+    """Yields a temp path beside `out`; on success renames it to `out` (after the caller
+    fsynced it). On any failure, KeyboardInterrupt included, the temp file is removed and
+    `out` is untouched; OS errors become a WriteError with a plain message."""
+    out = check_output(out, force)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, out)
+        with contextlib.suppress(OSError):  # make the rename durable; not every fs allows it
+            fd = os.open(os.path.dirname(out), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(e.errno, _io_message(e, out)) from e
+        raise
+
+
+def _kv(key: str, value: Any, types: tuple[int, ...]):
+    """A (key, value, type, sub type) for GGUFWriter from GGUFFile's value and type ids;
+    None for an empty array (gguf's writer refuses those)."""
+    from gguf import GGUFValueType as VT
+
+    def enc(s: str) -> bytes:  # the reader kept invalid UTF-8 as surrogates
+        return s.encode("utf-8", "surrogateescape")
+
+    if types[0] == VT.ARRAY:
+        if len(value) == 0:
+            return None
+        sub = VT(types[1])
+        items = [enc(s) for s in value] if sub == VT.STRING else np.asarray(value).tolist()
+        return key, items, VT.ARRAY, sub
+    if types[0] == VT.STRING:
+        return key, enc(value), VT.STRING, None
+    return key, value, VT(types[0]), None
+
+
+def _write_gguf(path: str, arch: str, kvs: list, tensors: list[_Tensor], alignment: int,
+                progress: Progress | None, first_key: str | None = None) -> None:
+    """One GGUF file at `path` (a fresh temp path): KV pairs, tensor infos, data; fsynced."""
+    import gguf
+
+    w = gguf.GGUFWriter(path, arch)
+    try:
+        if alignment != gguf.GGUF_DEFAULT_ALIGNMENT:
+            w.add_custom_alignment(alignment)
+        for key, value, vtype, sub in kvs:
+            w.add_key_value(key, value, vtype, sub)
+        if first_key is not None:  # move it to the front: detection reads only the first key
+            kv = w.kv_data[0]
+            first = kv.pop(first_key)
+            w.kv_data[0] = {first_key: first, **kv}
+        for t in tensors:
+            w.add_tensor_info(t.name, t.shape, np.dtype(t.dtype), math.prod(t.shape) * np.dtype(t.dtype).itemsize)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for i, t in enumerate(tensors):
+            a = np.ascontiguousarray(t.make())
+            if a.dtype != np.dtype(t.dtype) or a.shape != t.shape:
+                raise AssertionError(f"{t.name}: produced {a.dtype}{a.shape}, declared {t.shape}")
+            w.write_tensor_data(a)
+            if progress:
+                progress(i + 1, len(tensors), f"writing {t.name}")
+        w.flush()
+        os.fsync(w.fout[0].fileno())
+    finally:
+        w.close()
+
+
+def _float_tensor(name: str, a: np.ndarray) -> _Tensor:
+    """A float tensor as F16 when that loses nothing (2-D only), else F32."""
+    a = np.asarray(a, np.float32)
+    if a.ndim == 2:
+        with np.errstate(over="ignore"):
+            h = a.astype(np.float16)
+        if np.array_equal(h.astype(np.float32), a):
+            return _Tensor(name, a.shape, np.float16, lambda: h)
+    return _Tensor(name, a.shape, np.float32, lambda: a)
+
+
+def _linear_tensors(name: str, lin: Any) -> tuple[dict, list[_Tensor]]:
+    """(the luthier.linears entry, the tensors) of one built linear layer."""
+    from .engine import FloatLinear, Int8Linear
+    from .kernels import QLinear
+
+    if isinstance(lin, QLinear):
+        p = lin.packed
+        spec = dict(kind="lut", n=p.n, k=p.k, bits=p.bits, group_size=p.group_size,
+                    ternary=bool(p.ternary), zero_const=float(p.zero_const))
+        ts = [_Tensor(name + ".lut_w", p.w.shape, np.int8, lambda: p.w.view(np.int8)),
+              _Tensor(name + ".lut_s", p.s.shape, np.float16, lambda: p.s.view(np.float16))]
+        if p.z is not None:
+            ts.append(_Tensor(name + ".lut_z", p.z.shape, np.float16, lambda: p.z.view(np.float16)))
+        return spec, ts
+    if isinstance(lin, Int8Linear):
+        spec = dict(kind="int8", n=int(lin.q.shape[0]), k=int(lin.k))
+        return spec, [_Tensor(name + ".q8", lin.q.shape, np.int8, lambda: lin.q),
+                      _Tensor(name + ".q8_s", lin.scale.shape, np.float16, lambda: lin.scale.view(np.float16))]
+    if isinstance(lin, FloatLinear):
+        wt = lin.wt  # [k, n]
+        spec = dict(kind="float", n=int(wt.shape[1]), k=int(wt.shape[0]))
+        return spec, [_Tensor(name + ".f32", (wt.shape[1], wt.shape[0]), np.float32, lambda: wt.T)]
+    raise TypeError(f"{name}: cannot store a {type(lin).__name__} layer")
+
+
+def _source_kvs(path: str, meta: dict) -> list:
+    """The KV pairs that rebuild ModelArgs and the tokenizer: a GGUF source's own, or a
+    Hugging Face folder's JSON files as luthier.hf.* strings."""
+    from gguf import GGUFValueType as VT
+
+    if os.path.isdir(path):
+        kvs = [("luthier.source", "hf", VT.STRING, None)]
+        for key, fname in HF_FILES.items():
+            p = os.path.join(path, fname)
+            if os.path.isfile(p):
+                with open(p, encoding="utf-8") as f:
+                    kvs.append((f"luthier.hf.{key}", f.read(), VT.STRING, None))
+        return kvs
+    from .loaders.gguf import GGUFFile
+
+    with GGUFFile(path) as f:
+        types = f.metadata_types
+    kvs = [("luthier.source", "gguf", VT.STRING, None)]
+    for key, value in meta.items():
+        if key not in _SKIP_KEYS and not key.startswith("luthier."):
+            kv = _kv(key, value, types[key])
+            if kv is not None:
+                kvs.append(kv)
+    return kvs
+
+
+def write_quantized(out: str, src_path: str, args: Any, meta: dict, floats: dict[str, np.ndarray],
+                    linears: dict[str, Any], info: dict[str, Any], force: bool = False,
+                    progress: Progress | None = None) -> None:
+    """Write a luthier file: `floats` (GGUF name -> array, everything that is not a linear
+    layer), `linears` (name the model's linear factory was called with -> QLinear /
+    Int8Linear / FloatLinear), `info` (bits, group_size, head_bits, head_group_size,
+    method, mode, symmetric). Refuses an existing `out` unless force."""
+    from gguf import GGUFValueType as VT
+
+    tensors = [_float_tensor(n, a) for n, a in floats.items()]
+    specs = {}
+    for name, lin in linears.items():
+        specs[name], ts = _linear_tensors(name, lin)
+        tensors += ts
+    typed = dict(bits=(str, VT.STRING), group_size=(int, VT.UINT32), head_bits=(str, VT.STRING),
+                 head_group_size=(int, VT.UINT32), method=(str, VT.STRING), mode=(str, VT.STRING),
+                 symmetric=(bool, VT.BOOL))
+    kvs = [(FORMAT_KEY, FORMAT_VERSION, VT.UINT32, None)]
+    kvs += [(f"luthier.{k}", conv(info[k]), vt, None) for k, (conv, vt) in typed.items()]
+    kvs.append(("luthier.linears", json.dumps(specs), VT.STRING, None))
+    kvs += _source_kvs(src_path, meta)
+    with atomic_output(out, force) as tmp:
+        _write_gguf(tmp, args.arch, kvs, tensors, ALIGNMENT, progress, first_key=FORMAT_KEY)
+
+
+# ----------------------------------------------------------------------------- quantizing
+
+
+def _gptq_linears(args, weights, tok, quant, calib: dict, progress) -> dict[str, Any]:
+    """Block linears by sequential GPTQ (quant.calibration), as `ppl --method gptq` does;
+    the head by engine.make_linear."""
+    from . import engine
+    from .kernels import QLinear
+    from .models import Transformer
+    from .quant.calibration import calibration_factory, calibration_tokens, gptq_model_layers
+
+    with open(calib["file"], encoding="utf-8") as f:
+        text = f.read()
+    tokens = calibration_tokens(tok, text, calib["samples"], calib["len"], calib.get("seed", 0))
+    model = Transformer(args, weights, calibration_factory())
+    qts, _ = gptq_model_layers(model, tokens, quant.bits, lambda k: engine._fit_group(k, quant.group_size),
+                               quant.symmetric, calib["act_order"], percdamp=calib["percdamp"],
+                               progress=progress)
+    out = {name: QLinear(qt, mode=quant.mode) for name, qt in qts.items()}
+    head = "output.weight" if "output.weight" in weights else "token_embd.weight"  # tied or not
+    out[head] = engine.make_linear(weights[head], quant.head_bits, quant.head_group_size, quant, 1)
+    return out
+
+
+def quantize_to_file(model: str | None, out: str, quant: Any, method: str = "rtn",
+                     calib: dict | None = None, force: bool = False,
+                     progress: Progress | None = None) -> dict[str, Any]:
+    """Quantize MODEL (GGUF or HF folder) with `quant` (engine.QuantConfig) by `method`
+    ("rtn" | "gptq"; calib: file, samples, len, act_order, percdamp) and write a luthier
+    file. Returns statistics (seconds, bytes, bits per weight of the block linears)."""
+    from . import engine
+    from .models import Transformer
+
+    if method not in ("rtn", "gptq"):
+        raise ValueError(f"method must be rtn or gptq, got {method!r}")
+    if method == "gptq" and (quant.bits not in (1, 2, 3, 4) or not (calib or {}).get("file")):
+        raise ValueError(f"--method gptq needs --bits 1-4 (got {quant.bits}) and --calib FILE (calibration text)")
+    out = check_output(out, force)  # before the slow part
+    path = engine.resolve_model_path(model)
+    t0 = time.perf_counter()
+    args, weights, tok, meta = engine.read_float_model(path, progress)
+    if method == "gptq":
+        linears = _gptq_linears(args, weights, tok, quant, calib or {}, progress)
+    else:
+        linears = {}
+
+        def factory(name: str, w: np.ndarray):  # engine._build's choice of layer, by name
+            head = name in ("output.weight", "token_embd.weight")
+            lin = engine.make_linear(w, quant.head_bits if head else quant.bits,
+                                     quant.head_group_size if head else quant.group_size, quant, 1)
+            linears[name] = lin
+            if progress:
+                progress(len(linears), n_lin, f"quantizing {name}")
+            return lin
+
+        n_lin = 7 * args.n_layers + 1  # q, k, v, o, gate, up, down per block, and the head
+        Transformer(args, weights, factory)
+    t_quant = time.perf_counter() - t0
+    floats = {n: w for n, w in weights.items() if n not in linears or n == "token_embd.weight"}
+    info = dict(bits=quant.bits, group_size=quant.group_size, head_bits=quant.head_bits,
+                head_group_size=quant.head_group_size, method=method, mode=quant.mode,
+                symmetric=quant.symmetric)
+    write_quantized(out, path, args, meta, floats, linears, info, force, progress)
+    block = [(l, weights[n].size) for n, l in linears.items() if n.startswith("blk.")]
+    qbytes = sum(l.packed.nbytes if hasattr(l, "packed") else l.nbytes for l, _ in block)
+    return dict(path=out, seconds=time.perf_counter() - t0, quantize_seconds=t_quant,
+                file_bytes=os.path.getsize(out), block_bytes=qbytes,
+                bits_per_weight=8 * qbytes / max(1, sum(n for _, n in block)))
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def is_luthier_file(path: str | os.PathLike) -> bool:
+    """Whether `path` is a luthier quantized file: its first metadata key is FORMAT_KEY.
+    Reads a few dozen bytes; anything unreadable is 'no' (the GGUF loader then explains)."""
+    try:
+        with open(path, "rb") as f:  # magic, version, n_tensors, n_kv, first key length + bytes
+            head = f.read(24 + 8 + len(FORMAT_KEY))
+    except OSError:
+        return False
+    key = len(FORMAT_KEY).to_bytes(8, "little") + FORMAT_KEY.encode()
+    return head[:4] == b"GGUF" and head[24:] == key
+
+
+def _int8_linear(q: np.ndarray, scale: np.ndarray, k: int, n_threads: int):
+    """An engine.Int8Linear over stored arrays, without its quantizing constructor."""
+    from . import _core
+    from .engine import Int8Linear
+
+    lin = Int8Linear.__new__(Int8Linear)
+    lin.q, lin.scale, lin.k, lin.n_threads, lin._core = q, scale, k, n_threads, _core
+    lin.nbytes = q.nbytes + scale.nbytes
+    return lin
+
+
+def _view(f: Any, name: str, type_name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A checked, read-only view of a stored tensor (no copy); F16 as its uint16 bits."""
+    info = f.tensors.get(name)
+    if info is None or info.type_name != type_name or info.shape != shape:
+        got = f"{info.type_name}{list(info.shape)}" if info else "missing"
+        raise ValueError(f"{f.path}: corrupt luthier file: {name} is {got}, expected {type_name}{list(shape)}")
+    dt = {"I8": np.uint8, "F16": np.uint16, "F32": np.float32}[type_name]
+    return f.raw(name).view(dt).reshape(shape)  # bytes -> the stored [shape]
+
+
+def _build_linear(f: Any, name: str, spec: dict, mode: str, n_threads: int):
+    from . import _core
+    from .engine import FloatLinear
+    from .kernels import PackedWeight, QLinear
+
+    try:
+        kind, n, k = spec["kind"], int(spec["n"]), int(spec["k"])
+        if n <= 0 or k <= 0:
+            raise ValueError
+        if kind == "lut":
+            bits, gs = int(spec["bits"]), int(spec["group_size"])
+            if bits not in (1, 2, 3, 4) or gs <= 0:
+                raise ValueError
+            zero_const, ternary = float(spec["zero_const"]), bool(spec["ternary"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{f.path}: corrupt luthier file: bad layer entry {name}: {spec}") from None
+    if kind == "lut":
+        wb, sc, *_ = _core.packed_shape(n, k, bits, gs)
+        w, s = _view(f, name + ".lut_w", "I8", (wb,)), _view(f, name + ".lut_s", "F16", (sc,))
+        z = _view(f, name + ".lut_z", "F16", (sc,)) if name + ".lut_z" in f.tensors else None
+        lin = QLinear(PackedWeight(n, k, bits, gs, ternary, w, s, z, zero_const), mode=mode, n_threads=n_threads)
+        lin.nbytes = lin.packed.nbytes  # type: ignore[attr-defined]
+        return lin
+    if kind == "int8":
+        kp = -(-k // 32) * 32
+        q = _view(f, name + ".q8", "I8", (n, kp)).view(np.int8)
+        return _int8_linear(q, _view(f, name + ".q8_s", "F16", (n, kp // 32)), k, n_threads)
+    if kind == "float":
+        return FloatLinear(_view(f, name + ".f32", "F32", (n, k)))
+    raise ValueError(f"{f.path}: corrupt luthier file: {name} has unknown kind {kind!r}")
+
+
+def _args_and_tokenizer(meta: dict) -> tuple[Any, Any]:
+    from .models import ModelArgs
+    from .tokenizer import Tokenizer
+
+    if meta.get("luthier.source") != "hf":
+        return ModelArgs.from_gguf_metadata(meta), Tokenizer.from_gguf_metadata(meta)
+    if "luthier.hf.config" not in meta or "luthier.hf.tokenizer" not in meta:
+        raise ValueError("corrupt luthier file: the Hugging Face config or tokenizer is missing")
+    args = ModelArgs.from_hf_config(json.loads(meta["luthier.hf.config"]))
+    # Tokenizer.from_file reads the folder's files (and their siblings): give it one back
+    with tempfile.TemporaryDirectory(prefix="luthier-tok-") as d:
+        for key, fname in HF_FILES.items():
+            if f"luthier.hf.{key}" in meta:
+                with open(os.path.join(d, fname), "w", encoding="utf-8") as f:
+                    f.write(meta[f"luthier.hf.{key}"])
+        tok = Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
+    return args, tok
+
+
+def load_quantized(path: str, quant: Any = None, n_threads: int | None = None, ctx: int | None = None,
+                   native: bool = True, n_seq: int = 1) -> Any:
+    """An engine.LoadedModel from a luthier file, memory-mapped. Of `quant` only `mode`
+    (a runtime choice) is used; bits, group sizes and the rest are the file's."""
+    from . import engine
+    from .loaders.gguf import GGUFFile
+    from .models import Transformer
+
+    t0 = time.perf_counter()
+    n_threads = n_threads or min(os.cpu_count() or 1, 8)
+    f = GGUFFile(path)  # checks every tensor lies inside the file: a truncated file stops here
+    meta = f.metadata
+    version = meta.get(FORMAT_KEY)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: luthier file format version {version}, this luthier reads {FORMAT_VERSION}")
+    try:
+        specs = json.loads(meta["luthier.linears"])
+        bits, head_bits = engine.parse_bits(meta["luthier.bits"]), engine.parse_bits(meta["luthier.head_bits"])
+        cfg = engine.QuantConfig(bits=bits, group_size=int(meta["luthier.group_size"]), head_bits=head_bits,
+                                 head_group_size=int(meta["luthier.head_group_size"]),
+                                 mode=quant.mode if quant is not None else engine.QuantConfig().mode,
+                                 symmetric=bool(meta["luthier.symmetric"]))
+        if not isinstance(specs, dict):
+            raise ValueError("luthier.linears is not an object")
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: corrupt luthier file: {e}") from None
+    args, tok = _args_and_tokenizer(meta)
+    linears = {name: _build_linear(f, name, spec, cfg.mode, n_threads) for name, spec in specs.items()}
+    parts = {name + suffix for name in specs for suffix in (".lut_w", ".lut_s", ".lut_z", ".q8", ".q8_s", ".f32")}
+    weights: dict[str, np.ndarray] = {}
+    for name, info in f.tensors.items():  # the float tensors: F16 or F32 (_view checks)
+        if name not in parts:
+            a = _view(f, name, "F16" if info.type_name == "F16" else "F32", info.shape)
+            weights[name] = a.view(np.float16) if info.type_name == "F16" else a
+    for name, spec in specs.items():  # Transformer checks linear shapes: a zero-byte stand-in
+        weights.setdefault(name, np.broadcast_to(np.float32(0), (int(spec["n"]), int(spec["k"]))))
+
+    def factory(name: str, w: np.ndarray):
+        if name not in linears:
+            raise ValueError(f"{path}: corrupt luthier file: no stored layer {name}")
+        return linears[name]
+
+    model = Transformer(args, weights, factory)
+    n_ctx = int(ctx or min(args.max_seq_len or engine.DEFAULT_CTX, engine.DEFAULT_CTX))
+    if n_ctx <= 0:
+        raise ValueError(f"ctx must be positive, got {n_ctx}")
+    runner = model
+    if native:
+        from .native import NativeModel
+
+        runner = NativeModel(model, n_ctx, n_threads, cfg.mode, n_seq=n_seq)
+    lm = engine.LoadedModel(path, args, runner, tok, meta, cfg, n_threads)
+    lm.load_seconds = time.perf_counter() - t0
+    lm.linear_bytes = int(sum(getattr(l, "nbytes", 0) for l in linears.values()))
+    lm.extra.update(linears=list(linears.values()), ctx=n_ctx, reference=model, qfile=f,
+                    method=meta.get("luthier.method"))
+    return lm
+
+
+# ----------------------------------------------------------------------------- convert
+
+
+def convert_to_file(model: str | None, out: str, to: str = "f16", force: bool = False,
+                    progress: Progress | None = None) -> dict[str, Any]:
+    """Write MODEL (a GGUF file) as a float GGUF llama.cpp reads: the source's KV pairs
+    (general.file_type set to 0 for f32, 1 for f16), every tensor dequantized, in f16 (2-D
+    and larger) or f32 (1-D tensors always, as llama.cpp's converter keeps norms)."""
+    from gguf import GGUFValueType as VT
+
+    from . import engine
+    from .loaders.gguf import GGUFFile
+
+    if to not in ("f16", "f32"):
+        raise ValueError(f"--to must be f16 or f32, got {to!r}")
+    out = check_output(out, force)
+    path = engine.resolve_model_path(model)
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: convert reads GGUF files only; a Hugging Face folder needs "
+                         "llama.cpp's own convert_hf_to_gguf.py (its tokenizer metadata)")
+    t0 = time.perf_counter()
+    f = GGUFFile(path)
+    try:
+        if FORMAT_KEY in f.metadata:
+            raise ValueError(f"{path} is a luthier quantized file; convert the float model it was made from")
+        skip = ("general.architecture", "general.alignment", "general.file_type")  # set by the writer
+        kvs = [kv for key, v in f.metadata.items() if key not in skip and (kv := _kv(key, v, f.metadata_types[key]))]
+        kvs.append(("general.file_type", F32 if to == "f32" else F16, VT.UINT32, None))
+        tensors = []
+        for name, info in f.tensors.items():
+            dt = np.float16 if to == "f16" and len(info.shape) >= 2 else np.float32
+            tensors.append(_Tensor(name, info.shape, dt, lambda n=name, dt=dt: f.load_float(n).astype(dt, copy=False)))
+        with atomic_output(out, force) as tmp:
+            _write_gguf(tmp, f.architecture or "llama", kvs, tensors, 32, progress)
+    finally:
+        f.close()
+    return dict(path=out, seconds=time.perf_counter() - t0, file_bytes=os.path.getsize(out))
+
+
+# ----------------------------------------------------------------------------- command line
+
+_QUANTIZE_HELP = """\
+Quantize once into one file (GGUF container) that every other command loads memory-mapped
+as stored: luthier run OUT.gguf "prompt". Given such a file, commands ignore --bits,
+--group-size, --head-bits and --symmetric (with a note); --mode and --threads apply."""
+
+_CONVERT_HELP = """\
+Write a GGUF model dequantized as an f16/f32 GGUF llama.cpp reads (its metadata and tensor
+names; 1-D tensors stay f32), so both engines quantize from the same float weights. GGUF
+sources only: for a Hugging Face folder use llama.cpp's convert_hf_to_gguf.py."""
+
+
+def add_qfile_parsers(sub: Any) -> None:
+    """Add `luthier quantize` and `luthier convert` to the CLI's subparsers."""
+    from .engine import parse_bits
+
+    raw = argparse.RawDescriptionHelpFormatter
+    q = sub.add_parser("quantize", help="write a quantized model file (loads in well under a second)",
+                       description=_QUANTIZE_HELP, formatter_class=raw)
+    q.add_argument("model", nargs="?", help="GGUF file or Hugging Face folder (default: SmolLM2-135M)")
+    c = sub.add_parser("convert", help="write a GGUF model as an f16/f32 GGUF for llama.cpp",
+                       description=_CONVERT_HELP, formatter_class=raw)
+    c.add_argument("model", nargs="?", help="GGUF file (default: SmolLM2-135M)")
+    c.add_argument("--to", choices=["f16", "f32"], default="f16", help="float type of the output (default f16)")
+    for p in (q, c):
+        p.add_argument("-o", "--output", required=True, help="output file (OUT.gguf)")
+        p.add_argument("--force", "-f", action="store_true", help="overwrite an existing output file")
+    q.add_argument("--bits", type=parse_bits, default=4, help="linear layer bits: 1, 2, 3, 4, ternary, 8, 16")
+    q.add_argument("--group-size", type=int, default=128, help="weights per scale along k")
+    q.add_argument("--head-bits", type=parse_bits, default=8, help="output head bits (8: int8 kernel)")
+    q.add_argument("--symmetric", action="store_true", help="no zero points")
+    q.add_argument("--mode", choices=["exact", "fast"], default="fast",
+                   help="LUT table mode recorded in the file (a runtime choice: --mode when running wins)")
+    q.add_argument("--method", choices=["rtn", "gptq"], default="rtn",
+                   help="rtn: round to nearest; gptq: calibrated on --calib text")
+    q.add_argument("--calib", default=None, help="calibration text file (GPTQ)")
+    q.add_argument("--calib-samples", type=int, default=None, help="GPTQ calibration sequences (default 32)")
+    q.add_argument("--calib-len", type=int, default=None, help="tokens per calibration sequence (default 512)")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: columns in order of decreasing H_ii")
+    q.add_argument("--percdamp", type=float, default=None, help="GPTQ damping (default 0.01)")
+    q.set_defaults(fn=cmd_quantize)
+    c.set_defaults(fn=cmd_convert)
+
+
+def _with_progress_bar(fn: Callable[..., dict], *args: Any) -> dict:
+    from .cli import _progress_bar
+
+    cb, close = _progress_bar()
+    try:
+        return fn(*args, progress=cb)
+    finally:
+        close()
+
+
+def cmd_quantize(a: argparse.Namespace) -> int:
+    from .engine import QuantConfig
+    from .quant.calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN
+    from .quant.gptq import DEFAULT_PERCDAMP
+
+    cfg = QuantConfig(bits=a.bits, group_size=a.group_size, head_bits=a.head_bits, mode=a.mode, symmetric=a.symmetric)
+    calib = dict(file=a.calib, samples=a.calib_samples or DEFAULT_N_SAMPLES, len=a.calib_len or DEFAULT_SEQ_LEN,
+                 act_order=a.act_order, percdamp=DEFAULT_PERCDAMP if a.percdamp is None else a.percdamp)
+    if a.method == "rtn" and a.calib:
+        print("note: --calib is used by --method gptq only", file=sys.stderr)
+    st = _with_progress_bar(quantize_to_file, a.model, a.output, cfg, a.method, calib, a.force)
+    print(f"wrote {st['path']}: {st['file_bytes'] / 1e6:.1f} MB; block linears {st['block_bytes'] / 1e6:.1f} MB "
+          f"= {st['bits_per_weight']:.3f} bits/weight; {a.method} {st['quantize_seconds']:.1f} s, "
+          f"total {st['seconds']:.1f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    st = _with_progress_bar(convert_to_file, a.model, a.output, a.to, a.force)
+    print(f"wrote {st['path']}: {st['file_bytes'] / 1e6:.1f} MB ({a.to}) in {st['seconds']:.1f} s", file=sys.stderr)
+    return 0
+
+
+def ignored_options_note(a: argparse.Namespace, lm: Any) -> str | None:
+    """The note a command prints when it loaded a luthier file but was given quantization
+    options (ones that differ from both the defaults and the file's; the file wins)."""
+    from .engine import QuantConfig
+
+    if lm.extra.get("qfile") is None:
+        return None
+    d, q = QuantConfig(), lm.quant
+    given = [f"--{attr.replace('_', '-')}" for attr in ("bits", "group_size", "head_bits", "symmetric")
+             if getattr(a, attr, None) not in (None, getattr(d, attr), getattr(q, attr))]
+    return (f"note: {lm.path} is a quantized luthier file (bits {q.bits}, group {q.group_size}, head "
+            f"{q.head_bits}, {lm.extra.get('method')}): {', '.join(given)} ignored") if given else None
