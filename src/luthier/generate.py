@@ -81,7 +81,7 @@ class TokenStream:
 
     def __init__(self, lm, prompt_ids: Sequence[int], max_tokens: int = 256, sampler=None,
                  stop: Sequence[str] | None = None, stop_ids: Sequence[int] | None = None,
-                 ctx: int | None = None):
+                 ctx: int | None = None, ignore_eos: bool = False):
         from .sample import Sampler
 
         self.sampler = sampler or Sampler(temperature=0.0)
@@ -93,7 +93,7 @@ class TokenStream:
         if len(self.ids) >= self.n_ctx:
             raise ValueError(f"the prompt has {len(self.ids)} tokens; the context holds {self.n_ctx}")
         self.max_tokens = max(0, min(int(max_tokens), self.n_ctx - len(self.ids)))
-        self.stop_set = set(lm.tokenizer.eos_ids) | set(stop_ids or ())
+        self.stop_set = (set() if ignore_eos else set(lm.tokenizer.eos_ids)) | set(stop_ids or ())
         self.stats = GenerationStats(prompt_tokens=len(self.ids),
                                      weight_bytes_per_token=lm.weight_bytes_per_token)
         self.detok = lm.tokenizer.stream()
@@ -143,9 +143,10 @@ def generate_stream(
     stop_ids: Sequence[int] | None = None,
     ctx: int | None = None,
     prefill_chunk: int = 256,
+    ignore_eos: bool = False,
 ) -> Iterator[GenerationChunk]:
     """Yield GenerationChunks for a prompt; the last one carries finish_reason and stats."""
-    st = TokenStream(lm, prompt_ids, max_tokens, sampler, stop, stop_ids, ctx)
+    st = TokenStream(lm, prompt_ids, max_tokens, sampler, stop, stop_ids, ctx, ignore_eos)
     model, ids = lm.model, st.ids
     cache = model.new_cache(min(st.n_ctx, len(ids) + st.max_tokens + 1))
     t0 = time.perf_counter()

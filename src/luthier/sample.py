@@ -77,23 +77,46 @@ class Sampler:
             p[int(np.argmax(z))] = 1.0
             return p
         z = z / self.temperature
-        order = np.argsort(-z, kind="stable")  # most likely first; ties keep lower ids first
-        if self.top_k and self.top_k < z.shape[0]:
-            z[order[self.top_k :]] = -np.inf
-        z = z - z[order[0]]  # the max is finite unless every logit is -inf
-        if not np.isfinite(z[order[0]]):
+        v = z.shape[0]
+        if self.top_k and self.top_k < v:
+            order = self._top_order(z, self.top_k)  # the k most likely (ties: lower ids first)
+            drop = np.ones(v, bool)
+            drop[order[: self.top_k]] = False
+            z[drop] = -np.inf
+        else:
+            order = None
+        top = int(np.argmax(z))  # the first maximum: the same token a stable sort puts first
+        z = z - z[top]  # the max is finite unless every logit is -inf
+        if not np.isfinite(z[top]):
             raise ValueError("all logits are -inf")
         p = np.exp(z)
         p /= p.sum()
         if self.top_p < 1.0:
+            # only the most likely tokens can be kept: sort a few hundred, not the vocabulary,
+            # unless they do not reach top_p (a flat distribution)
+            order = self._top_order(z, min(v, 512)) if order is None else order
+            if order.size < v and np.cumsum(p[order])[-1] < self.top_p:
+                order = self._top_order(z, v)
             sorted_p = p[order]
             # keep token j if the mass of the tokens before it is still below top_p: the
             # smallest prefix reaching top_p, and never less than the top token
             before = np.cumsum(sorted_p) - sorted_p
-            p[order[before >= self.top_p]] = 0.0
+            keep = np.zeros(v, bool)
+            keep[order[before < self.top_p]] = True
+            p[~keep] = 0.0
         if self.min_p > 0.0:
             p[p < self.min_p * p.max()] = 0.0
         return p / p.sum()
+
+    @staticmethod
+    def _top_order(z: np.ndarray, k: int) -> np.ndarray:
+        """Ids of at least the k largest z, most likely first, ties by lower id (what a
+        stable argsort of -z begins with); ties at the k-th value are all included."""
+        if k >= z.shape[0]:
+            return np.argsort(-z, kind="stable")
+        thr = np.partition(z, z.shape[0] - k)[z.shape[0] - k]  # the k-th largest value
+        idx = np.flatnonzero(z >= thr)  # ascending ids
+        return idx[np.argsort(-z[idx], kind="stable")]
 
     def sample(self, logits: np.ndarray, previous: Iterable[int] = ()) -> int:
         """One token id. `previous`: the ids generated or prompted so far (for the penalty)."""

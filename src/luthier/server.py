@@ -26,6 +26,7 @@ Decisions where the OpenAI API leaves room:
   echo + logprobs scores the prompt with one full forward keeping every position's
   logits (what lm-eval's local-completions needs, with max_tokens 0 or 1); the first
   prompt token has logprob null.
+- ignore_eos (as vLLM and llama-server): the end-of-sequence token does not stop it.
 - n and best_of must be 1; suffix, tools/functions and response_format other than text
   are 400; unknown fields are ignored.
 - Security: loopback by default; --api-key checks `Authorization: Bearer KEY` (constant

@@ -84,7 +84,7 @@ class BatchScheduler:
                 sampler = Sampler(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                                   min_p=p.min_p, repetition_penalty=p.repetition_penalty, seed=p.seed)
                 hook = _SamplingHook(sampler, p, self.lm.tokenizer.vocab_size)
-                st = TokenStream(self.lm, ids, job.max_tokens[i], hook, stop=p.stop)
+                st = TokenStream(self.lm, ids, job.max_tokens[i], hook, stop=p.stop, ignore_eos=p.ignore_eos)
                 seqs.append(_Seq(job, i, st, hook, set(self.lm.tokenizer.eos_ids)))
         except Exception as e:  # noqa: BLE001 - requests were checked; report, do not crash
             job.emit(JobFailed(f"generation failed: {type(e).__name__}: {e}"))

@@ -155,6 +155,7 @@ class GenParams:
     echo: bool = False
     stream: bool = False
     include_usage: bool = False
+    ignore_eos: bool = False  # vLLM's and llama-server's extension: only max_tokens and stop end it
 
 
 def _common_params(body: dict, vocab_size: int, n_ctx: int, default_max: int | None) -> GenParams:
@@ -180,6 +181,7 @@ def _common_params(body: dict, vocab_size: int, n_ctx: int, default_max: int | N
     p.seed = None if seed is None else seed % (1 << 64)  # numpy wants a non-negative seed
     p.stop = _stop(body)
     p.stream = _bool(body, "stream", False)
+    p.ignore_eos = _bool(body, "ignore_eos", False)
     so = body.get("stream_options")
     if so is not None:
         if not isinstance(so, dict):

@@ -182,7 +182,7 @@ class GenJob(Job):
                           repetition_penalty=p.repetition_penalty, seed=p.seed)
         hook = _SamplingHook(sampler, p, lm.tokenizer.vocab_size)
         eos = set(lm.tokenizer.eos_ids)
-        gen = generate_stream(lm, ids, max_tokens, hook, stop=p.stop)
+        gen = generate_stream(lm, ids, max_tokens, hook, stop=p.stop, ignore_eos=p.ignore_eos)
         try:
             for ch in gen:
                 if self.cancelled.is_set():

