@@ -5,9 +5,14 @@
 #include <stdexcept>
 #include <vector>
 
+#include "dispatch.h"
 #include "lut_gemm.h"
 
 namespace luthier {
+
+#if defined(LUTHIER_X86)
+void fast_group_entries_avx2(const float* xg, int64_t kgroups, float inv, uint8_t* out);
+#endif
 
 TableShape table_shape(int64_t m, int64_t k, int group_size, TableMode mode) {
   if (m <= 0 || k <= 0) throw std::invalid_argument("m and k must be positive");
@@ -51,6 +56,15 @@ void group_tables(TableMode mode, const float* xg, int64_t gsp, uint8_t* out, fl
     }
     const float sc = amax > 0.f ? amax / 127.f : 1.f;
     const float inv = 1.f / sc;
+    *tscale = sc;
+    *xsum = sum;
+#if defined(LUTHIER_X86)
+    static const bool simd = active_isa() == "avx2";  // same bytes, ~5x fewer instructions
+    if (simd) {
+      fast_group_entries_avx2(xg, kgroups, inv, out);
+      return;
+    }
+#endif
     for (int64_t j = 0; j < kgroups; ++j) {
       float t8[8];
       half_table(xg + j * kG, t8);
@@ -61,8 +75,6 @@ void group_tables(TableMode mode, const float* xg, int64_t gsp, uint8_t* out, fl
         tb[15 - c] = int8_t(-v);
       }
     }
-    *tscale = sc;
-    *xsum = sum;
   } else {
     float amax = 0.f;
     for (int64_t i = 0; i < gsp; ++i) amax = std::max(amax, std::fabs(xg[i]));

@@ -79,6 +79,7 @@ class NativeModel:
             dec.set_embedding_f32(np.ascontiguousarray(emb, dtype=np.float32))
         dec.set_vector(-1, "out_norm", np.ascontiguousarray(model.output_norm, np.float32))
         _set_linear(dec, -1, "head", model.output)
+        freqs: dict[bytes, np.ndarray] = {}
         for i, layer in enumerate(model.layers):
             perms: dict = {}
             for attr, name in _LINEARS:
@@ -87,8 +88,10 @@ class NativeModel:
                 v = getattr(layer, attr, None)
                 if v is not None:
                     dec.set_vector(i, name, np.ascontiguousarray(v, np.float32))
-            rope = model.layer_rope(i)
-            dec.set_vector(i, "inv_freq", rope.inv_freq.astype(np.float32))
+            # one array per distinct RoPE base: the decoder computes cos/sin once per
+            # forward for each array it sees, not once per layer
+            inv = np.ascontiguousarray(model.layer_rope(i).inv_freq, np.float32)
+            dec.set_vector(i, "inv_freq", freqs.setdefault(inv.tobytes(), inv))
             dec.set_sliding(i, bool(a.is_sliding(i)))
         dec.check()
         self._dec = dec
@@ -116,15 +119,17 @@ class NativeModel:
         """Forget slot's sequence and return its KV memory to the OS."""
         self._dec.release(int(slot))
 
-    def forward_batch(self, tokens, slots, positions, out_rows) -> np.ndarray:
+    def forward_batch(self, tokens, slots, positions, out_rows, out: np.ndarray | None = None) -> np.ndarray:
         """Row i is token tokens[i] of sequence slots[i] at positions[i] (a slot's rows are
         consecutive positions, starting at most at its cached length); returns the logits
-        of rows out_rows: [len(out_rows), vocab]."""
+        of rows out_rows: [len(out_rows), vocab], in `out` if given (float32, C-contiguous:
+        a reused buffer spares the page faults of a fresh multi-MB array every step)."""
         t = np.ascontiguousarray(tokens, np.int32).reshape(-1)  # [m]
         s = np.ascontiguousarray(slots, np.int32).reshape(-1)
         p = np.ascontiguousarray(positions, np.int32).reshape(-1)
         r = np.ascontiguousarray(out_rows, np.int32).reshape(-1)
-        out = np.empty((r.size, self.vocab_size), np.float32)
+        if out is None:
+            out = np.empty((r.size, self.vocab_size), np.float32)
         self._dec.forward_batch(t, s, p, r, out)
         return out
 

@@ -64,6 +64,7 @@ class BatchScheduler:
         self.steps = 0
         self.max_rows = 0  # the largest batch so far (rows of one forward)
         self.max_decode = 0  # the most decode rows (sequences) in one forward so far
+        self._logits = np.empty((0, self.model.vocab_size), np.float32)
 
     @property
     def n_jobs(self) -> int:
@@ -138,7 +139,11 @@ class BatchScheduler:
                 out_seqs.append(s)
         if not tokens:
             return
-        logits = self.model.forward_batch(tokens, slots, positions, out_rows)  # [len(out_rows), vocab]
+        r = len(out_rows)
+        if self._logits.shape[0] < r:  # grown, never shrunk: no fresh pages every step
+            self._logits = np.empty((max(r, 2 * self._logits.shape[0]), self.model.vocab_size), np.float32)
+        logits = self.model.forward_batch(tokens, slots, positions, out_rows,
+                                          out=self._logits[:r])  # [r, vocab]
         self.steps += 1
         self.max_rows = max(self.max_rows, len(tokens))
         # every row is now cached: advance each sequence past the rows it fed
