@@ -12,6 +12,9 @@ std::vector<std::string> available_isas() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) v.push_back("avx2");
 #endif
+#if defined(__aarch64__)
+  v.push_back("neon");  // Advanced SIMD is part of the aarch64 baseline: no check needed
+#endif
   return v;
 }
 
@@ -21,6 +24,9 @@ GemmKernel kernel_for(const std::string& isa) {
     if (isa == "generic") return lut_gemm_generic;
 #if defined(LUTHIER_X86)
     if (isa == "avx2") return lut_gemm_avx2;
+#endif
+#if defined(__aarch64__)
+    if (isa == "neon") return lut_gemm_neon;
 #endif
   }
   std::string have;

@@ -7,6 +7,12 @@
 
 namespace luthier {
 
+#if defined(__aarch64__)
+// The aarch64 kernel (lut_gemm_neon.cpp). Declared here rather than next to the others in
+// lut_gemm.h only because that header is owned elsewhere; move it there when convenient.
+void lut_gemm_neon(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+#endif
+
 // ISAs compiled in and supported by this CPU, best last ("generic" always first).
 std::vector<std::string> available_isas();
 // The ISA in use: LUTHIER_ISA if set (error if unavailable), else the best available.
