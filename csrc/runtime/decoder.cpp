@@ -205,29 +205,36 @@ void Decoder::attention_impl(int li, const float* q, int64_t m, float* out) {
   const int64_t hd = c.head_dim, group = c.n_heads / c.n_kv_heads;
   const float scale = c.attn_scale;
   const int64_t window = layers[size_t(li)].sliding ? c.sliding_window : 0;
+  // a task takes `per` query heads of one row: all `group` heads of a kv head when there
+  // are rows enough to keep the threads busy (they read the same keys and values while
+  // those are in cache, and the pool dispatches fewer tasks), else one head
+  const int64_t per = m * c.n_kv_heads >= 4 * int64_t(n_threads) ? group : 1;
+  const int64_t tasks_per_row = c.n_heads / per;
   std::function<void(int64_t)> fn = [&](int64_t task) {
-    const int64_t i = task / c.n_heads, h = task % c.n_heads, kvh = h / group;
+    const int64_t i = task / tasks_per_row, h0 = (task % tasks_per_row) * per, kvh = h0 / group;
     const int64_t p = pos_[size_t(i)];
     const float* K = k_cache(slots_[size_t(i)], li);  // [ctx, kv, hd] of row i's sequence
     const float* V = v_cache(slots_[size_t(i)], li);
     const int64_t begin = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
-    thread_local std::vector<float> sc;
-    sc.resize(size_t(p + 1 - begin));
-    const float* qv = q + (i * c.n_heads + h) * hd;  // [m, heads, hd]
     const int64_t nk = p + 1 - begin;
     const int64_t stride = c.n_kv_heads * hd;  // cache [ctx, kv, hd]: key t at t * stride
-    scores(qv, K + begin * stride + kvh * hd, stride, nk, hd, scale, sc.data());
-    float mx = -INFINITY;
-    for (int64_t t = 0; t < nk; ++t) {
-      if (c.attn_softcap > 0.f) sc[size_t(t)] = c.attn_softcap * std::tanh(sc[size_t(t)] / c.attn_softcap);
-      mx = std::max(mx, sc[size_t(t)]);
+    thread_local std::vector<float> sc;
+    sc.resize(size_t(nk));
+    for (int64_t h = h0; h < h0 + per; ++h) {
+      const float* qv = q + (i * c.n_heads + h) * hd;  // [m, heads, hd]
+      scores(qv, K + begin * stride + kvh * hd, stride, nk, hd, scale, sc.data());
+      float mx = -INFINITY;
+      for (int64_t t = 0; t < nk; ++t) {
+        if (c.attn_softcap > 0.f) sc[size_t(t)] = c.attn_softcap * std::tanh(sc[size_t(t)] / c.attn_softcap);
+        mx = std::max(mx, sc[size_t(t)]);
+      }
+      const float inv = 1.f / exp_shift_sum(sc.data(), nk, mx);
+      for (int64_t t = 0; t < nk; ++t) sc[size_t(t)] *= inv;
+      weighted_sum(sc.data(), V + begin * stride + kvh * hd, stride, nk, hd,
+                   out + (i * c.n_heads + h) * hd);
     }
-    const float inv = 1.f / exp_shift_sum(sc.data(), nk, mx);
-    for (int64_t t = 0; t < nk; ++t) sc[size_t(t)] *= inv;
-    weighted_sum(sc.data(), V + begin * stride + kvh * hd, stride, nk, hd,
-                 out + (i * c.n_heads + h) * hd);
   };
-  parallel_for(n_threads, m * c.n_heads, fn);
+  parallel_for(n_threads, m * tasks_per_row, fn);
 }
 
 void Decoder::forward(const int32_t* tokens, int64_t m, int64_t pos, float* logits,

@@ -47,9 +47,19 @@ LUTHIER_CLONES float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+#if defined(LUTHIER_X86)
+int64_t scores_avx2(const float* q, const float* K, int64_t stride, int64_t n_keys, int64_t n,
+                    float scale, float* out);
+#endif
+
 LUTHIER_CLONES void scores(const float* q, const float* K, int64_t stride, int64_t n_keys, int64_t n,
                            float scale, float* out) {
-  for (int64_t t = 0; t < n_keys; ++t) {
+  int64_t t0 = 0;
+#if defined(LUTHIER_X86)
+  static const bool simd = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (simd && n % 8 == 0) t0 = scores_avx2(q, K, stride, n_keys, n, scale, out);
+#endif
+  for (int64_t t = t0; t < n_keys; ++t) {
     const float* k = K + t * stride;  // key t of the cache walk [t][kv][hd]
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t i = 0;
