@@ -29,6 +29,12 @@ from .sample import Sampler
 DEFAULT_BATCH_TOKENS = 256  # rows per forward: decode tokens first, prompt chunks after
 
 
+def _put_all(items) -> None:
+    """On the event loop: each (job, event) into its job's queue, in order."""
+    for job, item in items:
+        job.events.put_nowait(item)
+
+
 @dataclass
 class _Seq:
     """One prompt of a GenJob while it runs."""
@@ -65,6 +71,7 @@ class BatchScheduler:
         self.max_rows = 0  # the largest batch so far (rows of one forward)
         self.max_decode = 0  # the most decode rows (sequences) in one forward so far
         self._logits = np.empty((0, self.model.vocab_size), np.float32)
+        self._outbox: list = []  # (job, event) of this step, delivered together
 
     @property
     def n_jobs(self) -> int:
@@ -111,6 +118,12 @@ class BatchScheduler:
     # -- one step ---------------------------------------------------------------------------
 
     def step(self) -> None:
+        try:
+            self._step()
+        finally:
+            self._deliver()
+
+    def _step(self) -> None:
         self._drop_cancelled()
         self._admit()
         if not self.running:
@@ -189,10 +202,29 @@ class BatchScheduler:
             if infos and ch.token is None and infos[-1].token in s.eos and ch.finish_reason == "stop":
                 infos = infos[:-1]
             st = ch.stats
-            s.job.emit(Delta(s.index, ch.text, infos, finish_reason=ch.finish_reason,
-                             prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens))
+            self._post(s.job, Delta(s.index, ch.text, infos, finish_reason=ch.finish_reason,
+                                    prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens))
         elif ch.text or infos:
-            s.job.emit(Delta(s.index, ch.text, infos))
+            self._post(s.job, Delta(s.index, ch.text, infos))
+
+    def _post(self, job, item) -> None:
+        """Queue an event for the job's event loop; `_deliver` hands a step's events over
+        in one call per loop (one wake-up of the HTTP thread, not one per token)."""
+        self._outbox.append((job, item))
+
+    def _deliver(self) -> None:
+        if not self._outbox:
+            return
+        by_loop: dict = {}
+        for job, item in self._outbox:
+            by_loop.setdefault(job.loop, []).append((job, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the event loop is closed: the server is gone
+                for job, _ in items:
+                    job.cancelled.set()
 
     def _finish(self, s: _Seq) -> None:
         self.running.remove(s)
@@ -206,7 +238,7 @@ class BatchScheduler:
             return
         if left <= 1:
             del self._left[s.job]
-            s.job.emit(None)
+            self._post(s.job, None)
             self.n_done += 1
         else:
             self._left[s.job] = left - 1
