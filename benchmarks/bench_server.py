@@ -46,11 +46,12 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
     while time.monotonic() - t0 < timeout:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+        for path in ("/health", "/v1/models"):  # llama-cpp-python's server has no /health
+            try:
+                if httpx.get(url + path, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
         time.sleep(0.5)
     raise TimeoutError("server did not become ready")
 
@@ -103,8 +104,8 @@ def load(url: str, clients: int, per_client: int, max_tokens: int) -> dict:
     ttft = np.array([r["ttft"] for r in results])
     tokens = sum(r["tokens"] for r in results)
     return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": wall,
-            "agg_tps": tokens / wall, "ttft_p50_ms": float(np.percentile(ttft, 50) * 1e3),
-            "ttft_p95_ms": float(np.percentile(ttft, 95) * 1e3),
+            "agg_tps": tokens / wall, "ttft_p50_ms": float(np.nanpercentile(ttft, 50) * 1e3),
+            "ttft_p95_ms": float(np.nanpercentile(ttft, 95) * 1e3),
             "per_stream_tps": float(np.mean([r["tokens"] / r["seconds"] for r in results]))}
 
 
@@ -150,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-model", default=None, help="GGUF for llama-server (default: quantize --model)")
     ap.add_argument("--llama-type", default="Q4_0", help="llama.cpp type made from --model for llama-server")
     ap.add_argument("--llama-quantize", default=None, help="llama-quantize binary (default: beside llama-server)")
+    ap.add_argument("--llama-cpp-python", default=None, metavar="PYTHON",
+                    help="a Python with llama-cpp-python[server] installed: also run its server "
+                         "(one request at a time; it has no batching)")
     ap.add_argument("--skip-luthier", action="store_true")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -164,20 +168,30 @@ def main(argv: list[str] | None = None) -> int:
                "--group-size", str(a.group_size), "-t", str(a.threads), "--parallel", str(par), "--ctx",
                str(a.ctx), "--log-level", "warning", "--max-queue", str(4 * par)]
         rows += run_engine("luthier", cmd, f"http://127.0.0.1:{port}", a)
-    if a.llama_server:
+    if a.llama_server or a.llama_cpp_python:
         with tempfile.TemporaryDirectory() as tmp:
             lmodel = a.llama_model
             if lmodel is None:
+                if not a.llama_server and not a.llama_quantize:
+                    ap.error("--llama-model or --llama-quantize is needed without --llama-server")
                 f16 = os.path.join(tmp, "f16.gguf")
                 subprocess.run([sys.executable, "-m", "luthier.cli", "convert", str(model), "--to", "f16",
                                 "-o", f16], check=True)
                 quant = a.llama_quantize or os.path.join(os.path.dirname(a.llama_server), "llama-quantize")
                 lmodel = os.path.join(tmp, f"{a.llama_type}.gguf")
                 subprocess.run([quant, f16, lmodel, a.llama_type], check=True, capture_output=True)
-            port = free_port()
-            cmd = [a.llama_server, "-m", lmodel, "--port", str(port), "-t", str(a.threads), "-tb", str(a.threads),
-                   "--parallel", str(par), "-c", str(a.ctx * par), "--cont-batching", "--no-webui"]
-            rows += run_engine(f"llama-server {a.llama_type}", cmd, f"http://127.0.0.1:{port}", a)
+            if a.llama_server:
+                port = free_port()
+                cmd = [a.llama_server, "-m", lmodel, "--port", str(port), "-t", str(a.threads), "-tb",
+                       str(a.threads), "--parallel", str(par), "-c", str(a.ctx * par), "--cont-batching",
+                       "--no-webui"]
+                rows += run_engine(f"llama-server {a.llama_type}", cmd, f"http://127.0.0.1:{port}", a)
+            if a.llama_cpp_python:
+                port = free_port()
+                cmd = [a.llama_cpp_python, "-m", "llama_cpp.server", "--model", lmodel, "--host", "127.0.0.1",
+                       "--port", str(port), "--n_threads", str(a.threads), "--n_threads_batch", str(a.threads),
+                       "--n_ctx", str(a.ctx), "--interrupt_requests", "False"]
+                rows += run_engine(f"llama-cpp-python {a.llama_type}", cmd, f"http://127.0.0.1:{port}", a)
     print(f"\n| engine | clients | requests | tokens | aggregate tok/s | TTFT p50 ms | TTFT p95 ms | per-stream tok/s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
