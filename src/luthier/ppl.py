@@ -151,16 +151,29 @@ def add_ppl_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="GGUF file or Hugging Face folder (default: SmolLM2-135M)")
     p.add_argument("--text", "-f", required=True, help="text file to evaluate (e.g. wikitext-2 test)")
     p.add_argument("--chunks", type=int, default=None, help="evaluate only the first N chunks")
-    p.add_argument("--method", choices=["rtn", "gptq"], default="rtn",
-                   help="quantizer of the linear layers (gptq needs --calib)")
-    p.add_argument("--calib", default=None, help="calibration text file (GPTQ)")
+    p.add_argument("--method", choices=list(METHODS), default="rtn",
+                   help="quantizer of the linear layers: rtn; gptq (--bits 1-4 or ternary: "
+                        "error feedback); awq (activation-aware scales folded into the norms, "
+                        "then RTN with clipping); awq+gptq; mixed (bits per layer from measured "
+                        "sensitivity under --bpw-budget, GPTQ). All but rtn need --calib")
+    p.add_argument("--calib", default=None, help="calibration text file (GPTQ, AWQ, mixed)")
     p.add_argument("--calib-samples", type=int, default=None,
-                   help="GPTQ calibration sequences (default 32)")
+                   help="calibration sequences (default 32)")
     p.add_argument("--calib-len", type=int, default=None,
                    help="tokens per calibration sequence (default 512)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns in order of decreasing H_ii")
     p.add_argument("--percdamp", type=float, default=None,
                    help="GPTQ damping, a fraction of mean(diag H) (default 0.01)")
+    p.add_argument("--awq-grid", type=int, default=None, help="AWQ: alphas searched (default 20)")
+    p.add_argument("--no-awq-clip", action="store_true", help="AWQ: no weight clipping search")
+    p.add_argument("--no-awq-duo", action="store_true",
+                   help="AWQ: search only s = mean|x|^alpha (not also AutoAWQ's x/w ratio)")
+    p.add_argument("--bpw-budget", type=float, default=None,
+                   help="mixed: average bits per weight of the block linears, scales and zeros "
+                        "counted (e.g. 3.0)")
+    p.add_argument("--mixed-bits", default="2,3,4", help="mixed: candidate bits (default 2,3,4)")
+    p.add_argument("--mixed-rtn", action="store_true",
+                   help="mixed: round-to-nearest at the chosen bits instead of GPTQ")
     p.add_argument("--backend", choices=["auto", "native", "numpy"], default="auto",
                    help="forward used: native (C++ runtime), numpy (BLAS); auto = numpy when "
                         "a linear layer is float (the native float path is slow at prefill)")
@@ -182,6 +195,53 @@ def _uses_float_linear(lm: Any) -> bool:
     return any(isinstance(l, FloatLinear) for l in lm.extra.get("linears", []))
 
 
+METHODS = ("rtn", "gptq", "awq", "awq+gptq", "mixed")
+
+
+def quantize_calibrated(a: argparse.Namespace, progress: Callable[[int, int, str], None] | None = None):
+    """The LoadedModel of a calibrated --method (gptq, awq, awq+gptq, mixed) from parsed
+    arguments, and a one-line summary of the quantization."""
+    from .engine import resolve_model_path
+    from .quant.calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN
+    from .quant.gptq import DEFAULT_PERCDAMP
+
+    if not a.calib:
+        raise ValueError(f"--method {a.method} needs --calib FILE (calibration text)")
+    path = resolve_model_path(a.model)
+    common = dict(n_samples=a.calib_samples or DEFAULT_N_SAMPLES, seq_len=a.calib_len or DEFAULT_SEQ_LEN,
+                  head_bits=a.head_bits, symmetric=a.symmetric, mode=a.mode, n_threads=a.threads, ctx=a.ctx,
+                  act_order=a.act_order, percdamp=a.percdamp if a.percdamp is not None else DEFAULT_PERCDAMP,
+                  native=getattr(a, "backend", "auto") != "numpy", progress=progress)
+    if a.method == "mixed":
+        from .quant.mixed import quantize_model_mixed
+
+        if a.bpw_budget is None:
+            raise ValueError("--method mixed needs --bpw-budget (average bits per weight, e.g. 3.0)")
+        cand = tuple(int(b) for b in str(a.mixed_bits).split(","))
+        lm = quantize_model_mixed(path, a.bpw_budget, a.group_size, a.calib, candidate_bits=cand,
+                                  use_gptq=not a.mixed_rtn, **common)
+        m = lm.extra["mixed"]
+        counts = ", ".join(f"{n} at {b} bits" for b, n in m["counts"].items())
+        return lm, (f"mixed: {m['layers']} layers, {m['bpw']:.4f} bits/weight (budget {m['budget']}): {counts}; "
+                    f"{m['seconds']:.1f} s (sensitivity {m['sensitivity_seconds']:.1f} s)")
+    if a.bits not in (2, 3, 4, "ternary"):
+        raise ValueError(f"--method {a.method} quantizes to 2, 3 or 4 bits, or ternary, not {a.bits}")
+    if a.method == "gptq":
+        from .quant.calibration import quantize_model_gptq
+
+        lm = quantize_model_gptq(path, a.bits, a.group_size, a.calib, **common)
+        g = lm.extra["gptq"]
+    else:
+        from .quant.awq import DEFAULT_GRID, quantize_model_awq
+
+        lm = quantize_model_awq(path, a.bits, a.group_size, a.calib, grid=a.awq_grid or DEFAULT_GRID,
+                                duo=not a.no_awq_duo, clip=not a.no_awq_clip, use_gptq=a.method == "awq+gptq",
+                                **common)
+        g = lm.extra["awq"]
+    return lm, (f"{a.method}: {g['layers']} layers in {g['seconds']:.1f} s "
+                f"({g['calib_tokens']} calibration tokens)")
+
+
 def cmd_ppl(a: argparse.Namespace) -> int:
     from .cli import _load, _progress_bar
     from .engine import FLOAT_BITS, QuantConfig
@@ -193,28 +253,13 @@ def cmd_ppl(a: argparse.Namespace) -> int:
             text = f.read()
     except OSError as e:
         raise FileNotFoundError(f"cannot read --text {a.text}: {e.strerror or e}") from None
-    if a.method == "gptq":
-        from .engine import resolve_model_path
-        from .quant.calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN, quantize_model_gptq
-        from .quant.gptq import DEFAULT_PERCDAMP
-
-        if not a.calib:
-            raise ValueError("--method gptq needs --calib FILE (calibration text)")
-        if a.bits not in (2, 3, 4):
-            raise ValueError(f"--method gptq quantizes to 2, 3 or 4 bits, not {a.bits}")
+    if a.method != "rtn":
         cb, close = _progress_bar()
         try:
-            lm = quantize_model_gptq(
-                resolve_model_path(a.model), a.bits, a.group_size, a.calib,
-                n_samples=a.calib_samples or DEFAULT_N_SAMPLES, seq_len=a.calib_len or DEFAULT_SEQ_LEN,
-                head_bits=a.head_bits, symmetric=a.symmetric, act_order=a.act_order, mode=a.mode,
-                n_threads=a.threads, ctx=a.ctx, percdamp=a.percdamp if a.percdamp is not None else DEFAULT_PERCDAMP,
-                progress=cb)
+            lm, summary = quantize_calibrated(a, cb)
         finally:
             close()
-        g = lm.extra["gptq"]
-        print(f"gptq: {g['layers']} layers in {g['seconds']:.1f} s "
-              f"({g['calib_tokens']} calibration tokens)", file=sys.stderr)
+        print(summary, file=sys.stderr)
     else:
         lm = _load(a)
     model = lm.model

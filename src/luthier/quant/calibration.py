@@ -123,22 +123,28 @@ def _blas_threads(n: int):
         yield
 
 
-def gptq_model_layers(
+QuantizeGroup = Callable[[list["_CalibLinear"], HessianAccumulator], list[QTensor]]
+# block_hook(i, layer, run, n_samples): called before block i's groups are calibrated;
+# run(layer_like, s) runs block i on sample s's input with `layer_like` (e.g. a copy of the
+# layer with float linears) and returns its output [L, dim]
+BlockHook = Callable[[int, Any, Callable[[Any, int], np.ndarray], int], None]
+
+
+def sequential_quantize(
     model: Any,
     tokens: np.ndarray,
-    bits: int,
-    group_size: int | Callable[[int], int],
-    symmetric: bool = False,
-    act_order: bool = False,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    percdamp: float = DEFAULT_PERCDAMP,
+    quantize_group: QuantizeGroup,
     progress: Progress | None = None,
     observer: Callable[[list[str], np.ndarray], None] | None = None,
+    block_hook: BlockHook | None = None,
+    label: str = "gptq",
 ) -> tuple[dict[str, QTensor], dict]:
-    """Sequential GPTQ of every block linear of `model`, a models.Transformer built with
-    `calibration_factory`, over calibration tokens [N, L]. group_size: an int or a function
-    of k. observer(names, H), if given, sees each group and its Hessian in the order they
-    are quantized. Returns ({tensor name: QTensor}, stats)."""
+    """The layer-by-layer driver shared by GPTQ, AWQ and mixed precision: every block
+    linear of `model` (a models.Transformer built with `calibration_factory`), group by
+    group in forward order, each group calibrated on calibration tokens [N, L] as computed
+    by the already-quantized layers before it. quantize_group(group, acc) returns one
+    QTensor per member of the group (members share the input whose Hessian acc holds).
+    Returns ({tensor name: QTensor}, stats)."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 2:
         raise ValueError(f"calibration tokens must be [n_samples, seq_len], got shape {tokens.shape}")
@@ -150,7 +156,6 @@ def gptq_model_layers(
     if total == 0:
         raise TypeError("the model was not built with calibration_factory")
     runner = lins_of[0][0].runner
-    fit = group_size if callable(group_size) else (lambda k: group_size)
 
     x = np.asarray(model.tok_embd[tokens], dtype=np.float32)  # [N, L] -> [N, L, dim]
     if args.embed_scale != 1.0:
@@ -158,7 +163,8 @@ def gptq_model_layers(
     positions = np.arange(seq_len)
     trig = {id(r): r.cos_sin(positions) for r in model._ropes.values()}
     cache = model.new_cache(seq_len)
-    t_gptq = 0.0
+    t_quant = 0.0
+    t_hook = 0.0
     t0 = time.perf_counter()
     done = 0
     for i, layer in enumerate(layers):
@@ -168,6 +174,11 @@ def gptq_model_layers(
             runner.sample, runner.stage_x = s, None
             return model._block(i, layer, x[s], rope, trig[id(rope)], cache, 0)
 
+        if block_hook is not None:
+            t1 = time.perf_counter()
+            block_hook(i, layer, lambda lay, s: model._block(i, lay, x[s], rope, trig[id(rope)], cache, 0),
+                       n_samples)
+            t_hook += time.perf_counter() - t1
         while any(lin.wq_t is None for lin in lins_of[i]):
             runner.members, runner.acc = [], None
             for s in range(n_samples):
@@ -181,27 +192,77 @@ def gptq_model_layers(
             if observer:
                 observer([lin.name for lin in group], runner.acc.hessian)
             t1 = time.perf_counter()
-            w = np.concatenate([lin.w for lin in group])  # rows of one input: [sum n, k]
-            k = w.shape[1]
             with _blas_threads(1):
-                qt = gptq_quantize(w, runner.acc.hessian, bits, fit(k), symmetric, act_order,
-                                   block_size, percdamp)
-            t_gptq += time.perf_counter() - t1
-            r0 = 0
-            for lin in group:  # split the rows back into the group's layers
-                r1 = r0 + lin.w.shape[0]
-                z = qt.zeros[r0:r1] if qt.zeros is not None else None
-                lin.set_quantized(QTensor(qt.codes[r0:r1], qt.scales[r0:r1], z, bits, qt.group_size))
-                r0 = r1
+                qts = quantize_group(group, runner.acc)
+            t_quant += time.perf_counter() - t1
+            for lin, qt in zip(group, qts, strict=True):
+                lin.set_quantized(qt)
             done += len(group)
             if progress:
-                progress(done, total, f"gptq blk.{i}: " + ", ".join(l.name.split(".")[2] for l in group))
+                progress(done, total, f"{label} blk.{i}: " + ", ".join(l.name.split(".")[2] for l in group))
         x = np.stack([run_block(s) for s in range(n_samples)])  # [N, L, dim]: next block's input
         for lin in lins_of[i]:
             lin.outputs.clear()
-    qts = {lin.name: lin.qtensor for lins in lins_of for lin in lins}
-    stats = {"seconds": time.perf_counter() - t0, "gptq_seconds": t_gptq, "layers": total,
-             "calib_tokens": int(n_samples * seq_len)}
+    qts_all = {lin.name: lin.qtensor for lins in lins_of for lin in lins}
+    stats = {"seconds": time.perf_counter() - t0, "quant_seconds": t_quant, "hook_seconds": t_hook,
+             "layers": total, "calib_tokens": int(n_samples * seq_len)}
+    return qts_all, stats
+
+
+def split_rows(qt: QTensor, rows: list[int]) -> list[QTensor]:
+    """A QTensor of stacked layers [sum n, k] back into one QTensor per layer."""
+    out, r0 = [], 0
+    for n in rows:
+        z = qt.zeros[r0 : r0 + n] if qt.zeros is not None else None
+        out.append(QTensor(qt.codes[r0 : r0 + n], qt.scales[r0 : r0 + n], z, qt.bits, qt.group_size, qt.ternary))
+        r0 += n
+    return out
+
+
+def gptq_group_quantizer(
+    bits: int | str,
+    group_size: int | Callable[[int], int | None] | None,
+    symmetric: bool = False,
+    act_order: bool = False,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    percdamp: float = DEFAULT_PERCDAMP,
+) -> QuantizeGroup:
+    """sequential_quantize's quantize_group for GPTQ: the layers of a group share their
+    input, so their rows are stacked and quantized with one Hessian factorization."""
+    fit = group_size if callable(group_size) else (lambda k: group_size)
+
+    def quantize_group(group: list[_CalibLinear], acc: HessianAccumulator) -> list[QTensor]:
+        k = group[0].w.shape[1]
+        if fit(k) is None and bits == "ternary":  # one scale per tensor: each layer alone
+            return [gptq_quantize(lin.w, acc.hessian, bits, None, symmetric, act_order, block_size, percdamp)
+                    for lin in group]
+        w = np.concatenate([lin.w for lin in group])  # rows of one input: [sum n, k]
+        qt = gptq_quantize(w, acc.hessian, bits, fit(k), symmetric, act_order, block_size, percdamp)
+        return split_rows(qt, [lin.w.shape[0] for lin in group])
+
+    return quantize_group
+
+
+def gptq_model_layers(
+    model: Any,
+    tokens: np.ndarray,
+    bits: int | str,
+    group_size: int | Callable[[int], int] | None,
+    symmetric: bool = False,
+    act_order: bool = False,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    percdamp: float = DEFAULT_PERCDAMP,
+    progress: Progress | None = None,
+    observer: Callable[[list[str], np.ndarray], None] | None = None,
+) -> tuple[dict[str, QTensor], dict]:
+    """Sequential GPTQ of every block linear of `model`, a models.Transformer built with
+    `calibration_factory`, over calibration tokens [N, L]. bits: 1-4 or "ternary".
+    group_size: an int or a function of k (None: one ternary scale per tensor).
+    observer(names, H), if given, sees each group and its Hessian in the order they
+    are quantized. Returns ({tensor name: QTensor}, stats)."""
+    quantize_group = gptq_group_quantizer(bits, group_size, symmetric, act_order, block_size, percdamp)
+    qts, stats = sequential_quantize(model, tokens, quantize_group, progress, observer)
+    stats["gptq_seconds"] = stats["quant_seconds"]
     return qts, stats
 
 
@@ -223,9 +284,73 @@ def read_float_model(path: str) -> tuple[Any, dict, Any, dict]:
     return read(path)
 
 
+def load_calibration(path: str | None, calib_file: str, n_samples: int, seq_len: int, seed: int = 0):
+    """(resolved path, ModelArgs, float weights, Tokenizer, metadata, calibration tokens
+    [N, L], seconds the model took to read)."""
+    from .. import engine
+
+    path = engine.resolve_model_path(path)
+    with open(calib_file, encoding="utf-8") as f:
+        text = f.read()
+    t0 = time.perf_counter()
+    args, weights, tok, meta = read_float_model(path)
+    load_s = time.perf_counter() - t0
+    tokens = calibration_tokens(tok, text, n_samples, seq_len, seed)
+    return path, args, weights, tok, meta, tokens, load_s
+
+
+def build_quantized_model(
+    path: str,
+    args: Any,
+    weights: dict,
+    tok: Any,
+    meta: dict,
+    qts: dict[str, QTensor],
+    cfg: Any,
+    n_threads: int | None,
+    ctx: int | None,
+    native: bool,
+):
+    """An engine.LoadedModel whose block linears run the given QTensors on the LUT kernels
+    (the output head quantized as engine.load_model does, cfg.head_bits); `weights` gives
+    everything else (norms, biases, embeddings), e.g. with AWQ's scales folded in."""
+    from .. import engine
+    from ..kernels import QLinear
+    from ..models import Transformer
+
+    n_threads = n_threads or min(os.cpu_count() or 1, 8)
+    linears: list = []
+
+    def factory(name: str, w: np.ndarray):
+        if name in qts:
+            lin = QLinear(qts[name], mode=cfg.mode, n_threads=n_threads)
+            lin.nbytes = lin.packed.nbytes  # type: ignore[attr-defined]
+        else:  # the output head
+            lin = engine.make_linear(w, cfg.head_bits, cfg.head_group_size, cfg, n_threads)
+        linears.append(lin)
+        return lin
+
+    model = Transformer(args, weights, factory)
+    n_ctx = int(ctx or min(args.max_seq_len or engine.DEFAULT_CTX, engine.DEFAULT_CTX))
+    runner = model
+    if native:
+        from ..native import NativeModel
+
+        runner = NativeModel(model, n_ctx, n_threads, cfg.mode)
+    lm = engine.LoadedModel(path, args, runner, tok, meta, cfg, n_threads)
+    lm.linear_bytes = int(sum(getattr(l, "nbytes", 0) for l in linears))
+    lm.extra.update(linears=linears, ctx=n_ctx, reference=model, qtensors=qts)
+    return lm
+
+
+def check_calib_bits(bits: Any, method: str) -> None:
+    if bits not in (1, 2, 3, 4, "ternary"):
+        raise ValueError(f"{method} quantizes to 1-4 bits or ternary, got {bits}")
+
+
 def quantize_model_gptq(
     path: str | None,
-    bits: int,
+    bits: int | str,
     group_size: int,
     calib_file: str,
     n_samples: int = DEFAULT_N_SAMPLES,
@@ -245,54 +370,31 @@ def quantize_model_gptq(
     progress: Progress | None = None,
 ):
     """Load a float model, GPTQ its block linears on `calib_file` (N sequences of L tokens),
-    and return an engine.LoadedModel running them on the LUT kernels. The output head is
-    quantized like engine.load_model does (round-to-nearest at head_bits). Group sizes are
-    fitted to each row length as engine does (engine._fit_group), so RTN and GPTQ models
-    of the same --group-size use the same groups."""
+    and return an engine.LoadedModel running them on the LUT kernels. bits: 1-4, or
+    "ternary" (absmean grid with error feedback; group_size 0: one scale per tensor). The
+    output head is quantized like engine.load_model does (round-to-nearest at head_bits).
+    Group sizes are fitted to each row length as engine does (engine._fit_group), so RTN
+    and GPTQ models of the same --group-size use the same groups."""
     from .. import engine
-    from ..kernels import QLinear
     from ..models import Transformer
 
-    if bits not in (1, 2, 3, 4):
-        raise ValueError(f"GPTQ quantizes to 1-4 bits, got {bits}")
-    path = engine.resolve_model_path(path)
-    with open(calib_file, encoding="utf-8") as f:
-        text = f.read()
-    t0 = time.perf_counter()
-    args, weights, tok, meta = read_float_model(path)
-    load_s = time.perf_counter() - t0
-    tokens = calibration_tokens(tok, text, n_samples, seq_len, seed)
+    check_calib_bits(bits, "GPTQ")
+    path, args, weights, tok, meta, tokens, load_s = load_calibration(path, calib_file, n_samples, seq_len, seed)
     calib_model = Transformer(args, weights, calibration_factory())
-    qts, stats = gptq_model_layers(calib_model, tokens, bits, lambda k: engine._fit_group(k, group_size),
-                                   symmetric, act_order, block_size, percdamp, progress)
+    if bits == "ternary" and not group_size:
+        fit = None  # one absmean scale per tensor, as BitNet b1.58
+    else:
+        fit = lambda k: engine._fit_group(k, group_size)  # noqa: E731
+    qts, stats = gptq_model_layers(calib_model, tokens, bits, fit, symmetric, act_order, block_size,
+                                   percdamp, progress)
     del calib_model
 
     cfg = engine.QuantConfig(bits=bits, group_size=group_size, head_bits=head_bits,
                              head_group_size=head_group_size, mode=mode, symmetric=symmetric)
-    n_threads = n_threads or min(os.cpu_count() or 1, 8)
-    linears: list = []
-
-    def factory(name: str, w: np.ndarray):
-        if name in qts:
-            lin = QLinear(qts[name], mode=mode, n_threads=n_threads)
-            lin.nbytes = lin.packed.nbytes  # type: ignore[attr-defined]
-        else:  # the output head
-            lin = engine.make_linear(w, head_bits, head_group_size, cfg, n_threads)
-        linears.append(lin)
-        return lin
-
-    model = Transformer(args, weights, factory)
-    n_ctx = int(ctx or min(args.max_seq_len or engine.DEFAULT_CTX, engine.DEFAULT_CTX))
-    runner = model
-    if native:
-        from ..native import NativeModel
-
-        runner = NativeModel(model, n_ctx, n_threads, mode)
-    lm = engine.LoadedModel(path, args, runner, tok, meta, cfg, n_threads)
+    lm = build_quantized_model(path, args, weights, tok, meta, qts, cfg, n_threads, ctx, native)
     lm.load_seconds = load_s
     lm.quantize_seconds = stats["seconds"]
-    lm.linear_bytes = int(sum(getattr(l, "nbytes", 0) for l in linears))
     stats.update(method="gptq", act_order=act_order, n_samples=n_samples, seq_len=seq_len,
                  calib_file=calib_file, percdamp=percdamp, block_size=block_size)
-    lm.extra.update(linears=linears, ctx=n_ctx, reference=model, gptq=stats, qtensors=qts)
+    lm.extra.update(gptq=stats)
     return lm

@@ -17,6 +17,10 @@ Without act-order, a group's scale/zero is chosen when its first column is reach
 the weights as updated by every earlier column (exactly, also across lazy blocks).
 The grid is round-to-nearest's (quant.rtn), fp16-rounded scales/zeros; codes are computed
 against those fp16 values, so QTensor.dequantize() returns exactly what was committed.
+bits="ternary": the grid is BitNet b1.58's (quant.ternary): codes {-1, 0, +1} times an
+absmean scale per group (from the group's weights as updated when it is reached), or one
+scale per tensor (group_size None: mean|w| of the original weights); the column loop and
+its error feedback are unchanged.
 numpy only: float64 for H and the Cholesky factors, float32 for the activations.
 """
 
@@ -77,9 +81,17 @@ def _inverse_cholesky_upper(h: np.ndarray, percdamp: float) -> np.ndarray:
     raise np.linalg.LinAlgError("the Hessian stays singular after damping")
 
 
-def _group_params(w: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """RTN's grid for one group of columns w [n, width]: (scale32 [n], zero32 [n],
-    scale16 [n], zero16 [n] or None), zero32 the implicit zero when symmetric."""
+def _ternary_scale(absmean: np.ndarray) -> np.ndarray:
+    """quant.ternary's fp16 scale of an absmean (floored: a zero scale means nothing)."""
+    return np.maximum(np.asarray(absmean, np.float32), 6.1e-5).astype(np.float16)
+
+
+def _group_params(w: np.ndarray, bits: int | str, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """RTN's (or ternary's) grid for one group of columns w [n, width]: (scale32 [n],
+    zero32 [n], scale16 [n], zero16 [n] or None), zero32 the implicit zero when symmetric."""
+    if bits == "ternary":  # absmean per row of the group; codes t + 1, zero 1
+        s16 = _ternary_scale(np.abs(np.asarray(w, np.float64)).mean(axis=1))  # float64 sums, as quantize_ternary
+        return s16.astype(np.float32), np.ones(w.shape[0], np.float32), s16, None
     qt = quantize_rtn(np.asarray(w, np.float32), bits, w.shape[1], symmetric)
     s16 = qt.scales[:, 0]
     z16 = qt.zeros[:, 0] if qt.zeros is not None else None
@@ -90,7 +102,7 @@ def _group_params(w: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray
 def gptq_quantize(
     w: np.ndarray,
     h: np.ndarray,
-    bits: int,
+    bits: int | str,
     group_size: int | None = None,
     symmetric: bool = False,
     act_order: bool = False,
@@ -101,8 +113,10 @@ def gptq_quantize(
 ):
     """GPTQ of weights w [n, k] with the Hessian h [k, k] of the layer's inputs.
 
-    group_size: weights along k per scale (None or >= k: one group per row); the last group
-    may be partial. act_order implies static_groups. Returns a QTensor, or (QTensor,
+    bits: 1-4, or "ternary" (codes {-1, 0, 1}, absmean scales, no zeros: symmetric is
+    ignored). group_size: weights along k per scale (None or >= k: one group per row; for
+    ternary, None: one scale for the whole tensor); the last group may be partial.
+    act_order implies static_groups. Returns a QTensor, or (QTensor,
     float32 [n, k] weights committed) when return_dequant (equal to qt.dequantize()).
     """
     w0 = np.asarray(w)
@@ -114,15 +128,18 @@ def gptq_quantize(
     h = np.array(h, dtype=np.float64)  # a copy: modified below
     if h.shape != (k, k):
         raise ValueError(f"Hessian has shape {h.shape}, expected {(k, k)}")
-    if bits not in (1, 2, 3, 4):
-        raise ValueError(f"bits must be 1, 2, 3 or 4, got {bits}")
+    if bits not in (1, 2, 3, 4, "ternary"):
+        raise ValueError(f"bits must be 1, 2, 3, 4 or 'ternary', got {bits}")
+    ternary = bits == "ternary"
+    per_tensor = ternary and (group_size is None or group_size <= 0)
+    symmetric = symmetric and not ternary  # ternary rounds as quantize_ternary: rint(w/s) + 1
     gs = k if group_size is None or group_size <= 0 or group_size >= k else int(group_size)
     check_group_size(k, gs)
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
-    maxq = (1 << bits) - 1
+    maxq = 2 if ternary else (1 << bits) - 1
     n_groups = -(-k // gs)
-    static_groups = static_groups or act_order
+    static_groups = static_groups or act_order or per_tensor
 
     wt = np.array(w0, dtype=np.float64)  # [n, k] working copy
     dead = np.diag(h) == 0  # inputs that never fire: their weights cannot matter
@@ -130,7 +147,7 @@ def gptq_quantize(
     wt[:, dead] = 0.0
 
     scales = np.empty((n, n_groups), np.float16)
-    zeros = None if symmetric else np.empty((n, n_groups), np.float16)
+    zeros = None if symmetric or ternary else np.empty((n, n_groups), np.float16)
     s32 = np.empty((n, n_groups), np.float32)
     z32 = np.empty((n, n_groups), np.float32)
 
@@ -139,7 +156,10 @@ def gptq_quantize(
         if zeros is not None:
             zeros[:, g] = z16
 
-    if static_groups:  # every group's grid from the original weights, original order
+    if per_tensor:  # one absmean over every weight, as quantize_ternary(w, None)
+        scales[:] = _ternary_scale(np.abs(w0.astype(np.float32)).mean())
+        s32[:], z32[:] = scales.astype(np.float32), 1.0
+    elif static_groups:  # every group's grid from the original weights, original order
         for g in range(n_groups):
             set_group(g, wt[:, g * gs : (g + 1) * gs])
 
@@ -192,7 +212,7 @@ def gptq_quantize(
         inv = np.argsort(perm)
         codes = codes[:, inv]  # back to the original column order
         committed = committed[:, inv]
-    qt = QTensor(np.ascontiguousarray(codes), scales, zeros, bits, gs)
+    qt = QTensor(np.ascontiguousarray(codes), scales, zeros, 2 if ternary else bits, gs, ternary)
     if return_dequant:
         return qt, committed.astype(np.float32)
     return qt

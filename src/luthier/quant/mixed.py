@@ -1,0 +1,285 @@
+"""Mixed precision: bits per linear layer, chosen from measured sensitivity under an
+average bits-per-weight budget.
+
+Sensitivity of layer l at b bits, cost(l, b): the KL divergence of the model's next-token
+distribution from the float model's, on a few calibration sequences, when only layer l
+is quantized (round-to-nearest). It is measured at the lowest candidate bits (one tail
+of the forward pass per layer: blocks from l's on, then the head), and carried to the
+other candidates by the layer's own output error on its calibration inputs:
+cost(l, b) = KL(l, b_min) * tr(E_b H E_b^T) / tr(E_bmin H E_bmin^T), E_b = W - RTN_b(W)
+(a second-order model of the loss is linear in the output error's energy, and the error
+of one layer's rounding keeps its direction across bit widths).
+
+Bits per weight of a layer (what the budget counts): bits + 16/g for the fp16 scales,
++ 16/g more for fp16 zeros unless symmetric, g the group size fitted to the row as the
+engine fits it. The allocation (allocate_bits) starts every layer at its cheapest
+candidate and repeatedly takes the upgrade (to any higher candidate of one layer) with the
+largest cost reduction per added bit that still fits: the average never exceeds the budget.
+The layers are then quantized with their bits by sequential GPTQ (or RTN), as
+calibration.py does, so every layer is a QTensor the LUT kernels run.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from .awq import _ATTR, BLOCK_LINEARS, _Capture, fake_quantizer, output_error, quantizer
+from .calibration import (
+    DEFAULT_N_SAMPLES,
+    DEFAULT_SEQ_LEN,
+    HessianAccumulator,
+    Progress,
+    QuantizeGroup,
+    _CalibLinear,
+    build_quantized_model,
+    calibration_factory,
+    calibration_tokens,
+    load_calibration,
+    sequential_quantize,
+    split_rows,
+)
+from .gptq import DEFAULT_BLOCK_SIZE, DEFAULT_PERCDAMP, gptq_quantize
+from .qtensor import QTensor
+
+CANDIDATE_BITS = (2, 3, 4)
+DEFAULT_SENS_SAMPLES = 2
+DEFAULT_SENS_LEN = 128
+GroupFit = Callable[[int], int]
+
+
+def layer_bpw(bits: int, group_size: int, symmetric: bool = False) -> float:
+    """Storage bits per weight of a layer: codes plus fp16 scales (and zeros)."""
+    return bits + 16.0 * (1 if symmetric else 2) / group_size
+
+
+def allocate_bits(
+    sizes: dict[str, int],
+    bpw: dict[str, dict[int, float]],
+    cost: dict[str, dict[int, float]],
+    budget: float,
+) -> dict[str, int]:
+    """Bits per layer minimizing sum(cost) greedily, with sum(sizes * bpw) <= budget *
+    sum(sizes). sizes: weights per layer; bpw[l][b]: bits per weight of layer l at b bits;
+    cost[l][b]: its sensitivity. Raises ValueError when even the cheapest choice is over."""
+    names = list(sizes)
+    choice = {n: min(bpw[n], key=lambda b: bpw[n][b]) for n in names}
+    limit = budget * sum(sizes.values())
+    used = sum(sizes[n] * bpw[n][choice[n]] for n in names)
+    if used > limit * (1 + 1e-12):
+        raise ValueError(f"the budget {budget} bits/weight is below the cheapest choice "
+                         f"({used / sum(sizes.values()):.4f})")
+    while True:
+        best, best_ratio = None, 0.0
+        for n in names:
+            c = choice[n]
+            for b in bpw[n]:
+                extra = sizes[n] * (bpw[n][b] - bpw[n][c])
+                gain = cost[n][c] - cost[n][b]
+                if extra <= 0 or gain <= 0 or used + extra > limit:
+                    continue
+                if gain / extra > best_ratio:
+                    best, best_ratio = (n, b, extra), gain / extra
+        if best is None:
+            return choice
+        n, b, extra = best
+        choice[n] = b
+        used += extra
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+class _Swap:
+    """A float linear whose weight a measurement can replace for a while."""
+
+    def __init__(self, w: np.ndarray):
+        self.w = np.asarray(w, np.float32)  # [n, k]
+        self.wt = np.ascontiguousarray(self.w.T)  # [k, n]
+        self.override: np.ndarray | None = None  # [k, n] when set
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return x @ (self.wt if self.override is None else self.override)  # [m, k] @ [k, n]
+
+
+def measure_sensitivity(
+    args: Any,
+    weights: dict[str, np.ndarray],
+    tokens: np.ndarray,
+    candidate_bits: tuple[int, ...],
+    fit: GroupFit,
+    symmetric: bool = False,
+    progress: Progress | None = None,
+) -> tuple[dict[str, dict[int, float]], dict]:
+    """cost[layer][bits] of every block linear (module docstring) on tokens [N, L].
+    Returns (cost, {"kl": KL at the lowest bits, "err": output errors by bits})."""
+    from ..models import Transformer
+    from ..models.transformer import rms_norm, softcap
+
+    tokens = np.asarray(tokens)
+    n_samples, seq_len = tokens.shape
+    model = Transformer(args, weights, lambda name, w: _Swap(w))
+    layers = model.layers
+    positions = np.arange(seq_len)
+    trig = {id(r): r.cos_sin(positions) for r in model._ropes.values()}
+    cache = model.new_cache(seq_len)
+    b_min = min(candidate_bits)
+
+    def block(j: int, lay: Any, x: np.ndarray) -> np.ndarray:
+        rope = model.layer_rope(j)
+        return model._block(j, lay, x, rope, trig[id(rope)], cache, 0)
+
+    def log_probs(x: np.ndarray) -> np.ndarray:
+        logits = model.output(rms_norm(x, model.output_norm, args.norm_eps))  # [L, vocab]
+        if args.final_logit_softcap:
+            logits = softcap(logits, args.final_logit_softcap)
+        return _log_softmax(logits)
+
+    # the float pass, block by block: each block's inputs, each layer's output errors
+    x = np.asarray(model.tok_embd[tokens], dtype=np.float32)  # [N, L] -> [N, L, dim]
+    if args.embed_scale != 1.0:
+        x = x * np.float32(args.embed_scale)
+    xs: list[np.ndarray] = []
+    err: dict[str, dict[int, float]] = {}
+    for i, layer in enumerate(layers):
+        xs.append(x)
+        caps = {n: _Capture(getattr(layer, _ATTR[n]).w, record=True) for n in BLOCK_LINEARS}
+        rec = copy.copy(layer)  # the block with linears that record their inputs
+        for n, c in caps.items():
+            setattr(rec, _ATTR[n], c)
+        x = np.stack([block(i, rec, x[s]) for s in range(n_samples)])  # [N, L, dim]
+        for n, c in caps.items():
+            w = getattr(layer, _ATTR[n]).w
+            h = c.acc.hessian.astype(np.float32)
+            q = {b: fake_quantizer(b, fit(w.shape[1]), symmetric) for b in candidate_bits}
+            err[f"blk.{i}.{n}.weight"] = {b: output_error(w - q[b](w), h) for b in candidate_bits}
+    ref = [log_probs(x[s]) for s in range(n_samples)]  # [L, vocab] each
+    p_ref = [np.exp(r) for r in ref]
+
+    # one tail of the forward pass per layer, only that layer at the lowest bits
+    kl: dict[str, float] = {}
+    total = len(layers) * len(BLOCK_LINEARS)
+    for i, layer in enumerate(layers):
+        for n in BLOCK_LINEARS:
+            lin = getattr(layer, _ATTR[n])
+            name = f"blk.{i}.{n}.weight"
+            lin.override = np.ascontiguousarray(fake_quantizer(b_min, fit(lin.w.shape[1]), symmetric)(lin.w).T)
+            acc = 0.0
+            for s in range(n_samples):
+                y = xs[i][s]
+                for j in range(i, len(layers)):
+                    y = block(j, layers[j], y)
+                lq = log_probs(y)
+                acc += float((p_ref[s] * (ref[s] - lq)).sum(-1).mean())  # KL(float || quantized)
+            lin.override = None
+            kl[name] = max(acc / n_samples, 0.0)
+            if progress:
+                progress(len(kl), total, f"sensitivity {name}")
+    cost = {}
+    for name, e in err.items():
+        e0 = e[b_min]
+        cost[name] = {b: kl[name] * (e[b] / e0 if e0 > 0 else 0.0) for b in candidate_bits}
+    return cost, {"kl": kl, "err": err}
+
+
+def mixed_group_quantizer(
+    bits_of: dict[str, int],
+    fit: GroupFit,
+    symmetric: bool = False,
+    use_gptq: bool = True,
+    act_order: bool = False,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    percdamp: float = DEFAULT_PERCDAMP,
+) -> QuantizeGroup:
+    """quantize_group for sequential_quantize with bits per layer: the layers of a group
+    with the same bits are stacked into one GPTQ (or each rounded to nearest)."""
+
+    def quantize_group(group: list[_CalibLinear], acc: HessianAccumulator) -> list[QTensor]:
+        out: dict[str, QTensor] = {}
+        k = group[0].w.shape[1]
+        for b in sorted({bits_of[l.name] for l in group}):
+            members = [l for l in group if bits_of[l.name] == b]
+            if use_gptq:
+                w = np.concatenate([l.w for l in members])  # rows of one input: [sum n, k]
+                qt = gptq_quantize(w, acc.hessian, b, fit(k), symmetric, act_order, block_size, percdamp)
+                out.update(zip([l.name for l in members], split_rows(qt, [l.w.shape[0] for l in members])))
+            else:
+                out.update((l.name, quantizer(b, fit(k), symmetric)(l.w)) for l in members)
+        return [out[l.name] for l in group]
+
+    return quantize_group
+
+
+def quantize_model_mixed(
+    path: str | None,
+    bpw_budget: float,
+    group_size: int,
+    calib_file: str,
+    n_samples: int = DEFAULT_N_SAMPLES,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    *,
+    candidate_bits: tuple[int, ...] = CANDIDATE_BITS,
+    use_gptq: bool = True,
+    sens_samples: int = DEFAULT_SENS_SAMPLES,
+    sens_len: int = DEFAULT_SENS_LEN,
+    head_bits: Any = 4,
+    head_group_size: int = 32,
+    symmetric: bool = False,
+    mode: str = "fast",
+    n_threads: int | None = None,
+    ctx: int | None = None,
+    native: bool = True,
+    act_order: bool = False,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    percdamp: float = DEFAULT_PERCDAMP,
+    seed: int = 0,
+    progress: Progress | None = None,
+):
+    """Load a float model, choose bits per block linear (candidate_bits) from measured
+    sensitivity so that their average bits per weight (scales and zeros counted) is at
+    most bpw_budget, quantize them with those bits by sequential GPTQ (or RTN when not
+    use_gptq) on `calib_file`, and return an engine.LoadedModel on the LUT kernels. Same
+    shape as calibration.quantize_model_gptq, bpw_budget in place of bits; the head is not
+    counted in the budget (head_bits as the other methods). lm.extra["mixed"]: the bits
+    per layer, the achieved bits per weight, the sensitivities and the timings."""
+    from .. import engine
+    from ..models import Transformer
+
+    if not candidate_bits or any(b not in (1, 2, 3, 4) for b in candidate_bits):
+        raise ValueError(f"candidate bits must be among 1-4, got {candidate_bits}")
+    path, args, weights, tok, meta, tokens, load_s = load_calibration(path, calib_file, n_samples, seq_len, seed)
+    fit = lambda k: engine._fit_group(k, group_size)  # noqa: E731
+    with open(calib_file, encoding="utf-8") as f:
+        sens_tokens = calibration_tokens(tok, f.read(), sens_samples, sens_len, seed + 1)
+
+    t0 = time.perf_counter()
+    names = [f"blk.{i}.{n}.weight" for i in range(args.n_layers) for n in BLOCK_LINEARS]
+    sizes = {n: int(weights[n].size) for n in names}
+    bpw = {n: {b: layer_bpw(b, fit(weights[n].shape[1]), symmetric) for b in candidate_bits} for n in names}
+    cost, sens = measure_sensitivity(args, weights, sens_tokens, tuple(candidate_bits), fit, symmetric, progress)
+    bits_of = allocate_bits(sizes, bpw, cost, bpw_budget)
+    sens_s = time.perf_counter() - t0
+
+    calib_model = Transformer(args, weights, calibration_factory())
+    qg = mixed_group_quantizer(bits_of, fit, symmetric, use_gptq, act_order, block_size, percdamp)
+    qts, stats = sequential_quantize(calib_model, tokens, qg, progress, label="mixed")
+    del calib_model
+
+    achieved = sum(sizes[n] * bpw[n][bits_of[n]] for n in names) / sum(sizes.values())
+    cfg = engine.QuantConfig(bits=max(bits_of.values()), group_size=group_size, head_bits=head_bits,
+                             head_group_size=head_group_size, mode=mode, symmetric=symmetric)
+    lm = build_quantized_model(path, args, weights, tok, meta, qts, cfg, n_threads, ctx, native)
+    lm.load_seconds = load_s
+    lm.quantize_seconds = sens_s + stats["seconds"]
+    counts = {b: sum(1 for n in names if bits_of[n] == b) for b in candidate_bits}
+    stats.update(method="mixed", budget=bpw_budget, bpw=achieved, bits=bits_of, counts=counts,
+                 sensitivity_seconds=sens_s, quantize_seconds=stats["seconds"], seconds=sens_s + stats["seconds"],
+                 cost=cost, kl=sens["kl"], use_gptq=use_gptq, n_samples=n_samples, seq_len=seq_len,
+                 sens_samples=sens_samples, sens_len=sens_len, calib_file=calib_file)
+    lm.extra.update(mixed=stats)
+    return lm
