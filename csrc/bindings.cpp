@@ -195,6 +195,12 @@ NB_MODULE(_core, m) {
      nb::arg("n_threads") = 1, nb::arg("isa") = "",
      "y = x . w^T for int8 weights with fp16 scales per 32 (activations int8 per 32)");
 
+  m.def("float_to_half", [](Arr<const float, nb::ndim<1>> x, Arr<uint16_t, nb::ndim<1>> out) {
+         if (out.shape(0) != x.shape(0)) throw std::invalid_argument("out must have the length of x");
+         for (size_t i = 0; i < x.shape(0); ++i) out.data()[i] = float_to_half(x.data()[i]);
+       }, nb::arg("x").noconvert(), nb::arg("out").noconvert(),
+       "portable fp32 -> fp16 bits (round to nearest even), as the fp16 KV cache stores");
+
   bind_runtime(m);
 
   m.def("available_isas", &available_isas, "ISAs compiled in and supported here, best last");

@@ -79,13 +79,15 @@ void bind_runtime(nb::module_& m) {
                           int64_t head_dim, int64_t ffn_dim, int64_t vocab, int64_t n_rot, int64_t ctx,
                           int64_t sliding_window, float norm_eps, float attn_scale, float embed_scale,
                           float attn_softcap, float final_softcap, bool neox, bool gelu,
-                          const std::string& mode, int n_threads, int64_t n_seq) {
+                          const std::string& mode, int n_threads, int64_t n_seq, const std::string& kv) {
              DecoderConfig c;
              c.dim = dim; c.n_layers = n_layers; c.n_heads = n_heads; c.n_kv_heads = n_kv_heads;
              c.head_dim = head_dim; c.ffn_dim = ffn_dim; c.vocab = vocab; c.n_rot = n_rot; c.ctx = ctx;
              c.sliding_window = sliding_window; c.norm_eps = norm_eps; c.attn_scale = attn_scale;
              c.embed_scale = embed_scale; c.attn_softcap = attn_softcap; c.final_softcap = final_softcap;
              c.neox = neox; c.gelu = gelu; c.n_seq = n_seq;
+             if (kv != "f32" && kv != "f16") throw std::invalid_argument("kv must be 'f32' or 'f16'");
+             c.kv_f16 = kv == "f16";
              if (mode != "exact" && mode != "fast") throw std::invalid_argument("mode must be 'exact' or 'fast'");
              c.mode = mode == "exact" ? TableMode::kExact : TableMode::kFast;
              if (n_rot % 2 || n_rot > head_dim) throw std::invalid_argument("n_rot must be even and <= head_dim");
@@ -95,7 +97,7 @@ void bind_runtime(nb::module_& m) {
            nb::arg("ffn_dim"), nb::arg("vocab"), nb::arg("n_rot"), nb::arg("ctx"), nb::arg("sliding_window"),
            nb::arg("norm_eps"), nb::arg("attn_scale"), nb::arg("embed_scale"), nb::arg("attn_softcap"),
            nb::arg("final_softcap"), nb::arg("neox"), nb::arg("gelu"), nb::arg("mode"), nb::arg("n_threads"),
-           nb::arg("n_seq") = 1)
+           nb::arg("n_seq") = 1, nb::arg("kv") = "f32")
       .def("set_lut", [](PyDecoder& self, int li, const std::string& name, int64_t n, int64_t k, int bits,
                          int group_size, Arr<const uint8_t, nb::ndim<1>> w, Arr<const uint16_t, nb::ndim<1>> s,
                          std::optional<Arr<const uint16_t, nb::ndim<1>>> z, float zero_const) {

@@ -120,7 +120,8 @@ void lut_gemm_generic(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void lut_gemm_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 #endif
 
-// Portable fp16 -> fp32 (IEEE binary16).
+// Portable fp16 <-> fp32 (IEEE binary16; to half rounds to nearest even).
 float half_to_float(uint16_t h);
+uint16_t float_to_half(float f);
 
 }  // namespace luthier

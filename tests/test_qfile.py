@@ -335,7 +335,7 @@ def test_gptq_file_equals_the_in_memory_gptq_model(tiny_hf, tmp_path, one_blas_t
     out = tmp_path / "tiny-gptq.gguf"
     assert cli.main(["quantize", str(tiny_hf), "--method", "gptq", "--bits", "2", "--group-size", "32",
                      "--calib", str(calib), "--calib-samples", "3", "--calib-len", "24", "-o", str(out)]) == 0
-    a = load_model(out, n_threads=1, ctx=32)
+    a = load_model(out, n_threads=1, ctx=32, kv="f32")  # as quantize_model_gptq's NativeModel
     b = quantize_model_gptq(str(tiny_hf), 2, 32, str(calib), 3, 24, head_bits=8, n_threads=1, ctx=32)
     assert a.extra["method"] == "gptq"
     tokens = b.tokenizer.encode(PROMPT)

@@ -69,14 +69,15 @@ Decoder::Decoder(const DecoderConfig& c, int threads) : cfg(c), n_threads(thread
   if (c.n_seq <= 0) throw std::invalid_argument("n_seq must be positive");
   layers.resize(size_t(c.n_layers));
   slot_floats_ = c.n_layers * c.ctx * c.n_kv_heads * c.head_dim;
-  kv_bytes_ = sizeof(float) * size_t(slot_floats_) * 2 * size_t(c.n_seq);
+  kv_es_ = c.kv_f16 ? 2 : 4;
+  kv_bytes_ = kv_es_ * size_t(slot_floats_) * 2 * size_t(c.n_seq);
 #ifdef LUTHIER_MMAP
   // reserved, not touched: pages become resident as tokens are cached (zero-filled)
   void* p = mmap(nullptr, kv_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) throw std::bad_alloc();
-  kv_ = static_cast<float*>(p);
+  kv_ = static_cast<char*>(p);
 #else
-  kv_ = static_cast<float*>(std::calloc(kv_bytes_ / sizeof(float), sizeof(float)));
+  kv_ = static_cast<char*>(std::calloc(kv_bytes_, 1));
   if (!kv_) throw std::bad_alloc();
 #endif
   lengths_.assign(size_t(c.n_seq), 0);
@@ -90,12 +91,12 @@ Decoder::~Decoder() {
 #endif
 }
 
-// slot walk: [n_seq][K, V][layers][ctx * kv_heads * head_dim]
-float* Decoder::k_cache(int64_t slot, int64_t layer) const {
-  return kv_ + (size_t(slot) * 2) * size_t(slot_floats_) + size_t(layer) * (slot_floats_ / cfg.n_layers);
+// slot walk: [n_seq][K, V][layers][ctx * kv_heads * head_dim] values of kv_es_ bytes
+char* Decoder::k_cache(int64_t slot, int64_t layer) const {
+  return kv_ + ((size_t(slot) * 2) * size_t(slot_floats_) + size_t(layer) * (slot_floats_ / cfg.n_layers)) * kv_es_;
 }
-float* Decoder::v_cache(int64_t slot, int64_t layer) const {
-  return k_cache(slot, layer) + slot_floats_;
+char* Decoder::v_cache(int64_t slot, int64_t layer) const {
+  return k_cache(slot, layer) + size_t(slot_floats_) * kv_es_;
 }
 
 void Decoder::reset_cache() {
@@ -110,7 +111,7 @@ void Decoder::release(int64_t slot) {
   // starts page-aligned only by luck, so round inward and leave the partial pages resident
   const size_t page = 4096;
   const uintptr_t b = reinterpret_cast<uintptr_t>(k_cache(slot, 0));
-  const uintptr_t e = b + sizeof(float) * size_t(slot_floats_) * 2;
+  const uintptr_t e = b + kv_es_ * size_t(slot_floats_) * 2;
   const uintptr_t b2 = (b + page - 1) / page * page, e2 = e / page * page;
   if (e2 > b2) madvise(reinterpret_cast<void*>(b2), e2 - b2, MADV_DONTNEED);
 #endif
@@ -213,8 +214,8 @@ void Decoder::attention_impl(int li, const float* q, int64_t m, float* out) {
   std::function<void(int64_t)> fn = [&](int64_t task) {
     const int64_t i = task / tasks_per_row, h0 = (task % tasks_per_row) * per, kvh = h0 / group;
     const int64_t p = pos_[size_t(i)];
-    const float* K = k_cache(slots_[size_t(i)], li);  // [ctx, kv, hd] of row i's sequence
-    const float* V = v_cache(slots_[size_t(i)], li);
+    const char* K = k_cache(slots_[size_t(i)], li);  // [ctx, kv, hd] of row i's sequence
+    const char* V = v_cache(slots_[size_t(i)], li);
     const int64_t begin = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
     const int64_t nk = p + 1 - begin;
     const int64_t stride = c.n_kv_heads * hd;  // cache [ctx, kv, hd]: key t at t * stride
@@ -222,7 +223,11 @@ void Decoder::attention_impl(int li, const float* q, int64_t m, float* out) {
     sc.resize(size_t(nk));
     for (int64_t h = h0; h < h0 + per; ++h) {
       const float* qv = q + (i * c.n_heads + h) * hd;  // [m, heads, hd]
-      scores(qv, K + begin * stride + kvh * hd, stride, nk, hd, scale, sc.data());
+      const size_t koff = size_t(begin * stride + kvh * hd);  // key `begin`, kv head kvh
+      if (c.kv_f16)
+        scores_f16(qv, reinterpret_cast<const uint16_t*>(K) + koff, stride, nk, hd, scale, sc.data());
+      else
+        scores(qv, reinterpret_cast<const float*>(K) + koff, stride, nk, hd, scale, sc.data());
       float mx = -INFINITY;
       for (int64_t t = 0; t < nk; ++t) {
         if (c.attn_softcap > 0.f) sc[size_t(t)] = c.attn_softcap * std::tanh(sc[size_t(t)] / c.attn_softcap);
@@ -230,8 +235,11 @@ void Decoder::attention_impl(int li, const float* q, int64_t m, float* out) {
       }
       const float inv = 1.f / exp_shift_sum(sc.data(), nk, mx);
       for (int64_t t = 0; t < nk; ++t) sc[size_t(t)] *= inv;
-      weighted_sum(sc.data(), V + begin * stride + kvh * hd, stride, nk, hd,
-                   out + (i * c.n_heads + h) * hd);
+      float* o = out + (i * c.n_heads + h) * hd;
+      if (c.kv_f16)
+        weighted_sum_f16(sc.data(), reinterpret_cast<const uint16_t*>(V) + koff, stride, nk, hd, o);
+      else
+        weighted_sum(sc.data(), reinterpret_cast<const float*>(V) + koff, stride, nk, hd, o);
     }
   };
   parallel_for(n_threads, m * tasks_per_row, fn);
@@ -319,9 +327,16 @@ void Decoder::forward_batch(const int32_t* tokens, const int32_t* slots, const i
     rope(k_.data(), m, c.n_kv_heads, hd, c.n_rot, csr.data(), c.neox);
     // row i's K, V go to its slot's cache at its position: [ctx, kv, hd] row pos_[i]
     for (int64_t i = 0; i < m; ++i) {
-      const size_t off = size_t(pos_[size_t(i)]) * nkv;
-      std::memcpy(k_cache(slots_[size_t(i)], li) + off, k_.data() + i * nkv, sizeof(float) * nkv);
-      std::memcpy(v_cache(slots_[size_t(i)], li) + off, v_.data() + i * nkv, sizeof(float) * nkv);
+      const size_t off = size_t(pos_[size_t(i)]) * nkv * kv_es_;
+      char* kd = k_cache(slots_[size_t(i)], li) + off;
+      char* vd = v_cache(slots_[size_t(i)], li) + off;
+      if (c.kv_f16) {
+        to_half(k_.data() + i * nkv, reinterpret_cast<uint16_t*>(kd), nkv);
+        to_half(v_.data() + i * nkv, reinterpret_cast<uint16_t*>(vd), nkv);
+      } else {
+        std::memcpy(kd, k_.data() + i * nkv, sizeof(float) * nkv);
+        std::memcpy(vd, v_.data() + i * nkv, sizeof(float) * nkv);
+      }
     }
     attention(int(li), q_.data(), m, att_.data());
     linear(L.o, att_.data(), m, o_.data(), nullptr);

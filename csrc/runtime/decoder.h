@@ -3,7 +3,8 @@
 // operation, src/luthier/models/transformer.py, which is its test oracle.
 //
 // Activations are float32 [m, dim] row-major (m = tokens of this call). The KV cache holds
-// n_seq sequences ("slots"), each float32 [layers][ctx][kv_heads][head_dim] for K and for V.
+// n_seq sequences ("slots"), each [layers][ctx][kv_heads][head_dim] for K and for V, in
+// float32 or fp16 (kv_f16).
 // A call's rows may belong to different slots at different positions (continuous batching:
 // one decode token per running sequence goes through every linear layer as one m > 1 LUT
 // matmul). The cache is reserved with mmap and touched lazily, and release(slot) hands a
@@ -51,6 +52,7 @@ struct DecoderConfig {
   bool gelu = false;  // GeGLU (gelu tanh) instead of SwiGLU
   TableMode mode = TableMode::kExact;
   int64_t n_seq = 1;  // KV slots (sequences decoded together)
+  bool kv_f16 = false;  // the KV cache in fp16 (half the memory and the attention reads)
 };
 
 class Decoder {
@@ -92,11 +94,13 @@ class Decoder {
   void linear_impl(const Linear& w, const float* x, int64_t m, float* y, const float* norm_w);
   const float* gather(const int32_t* perm, const float* x, int64_t m, int64_t k, const float* norm_w);
   void attention_impl(int layer, const float* q, int64_t m, float* out);
-  float* k_cache(int64_t slot, int64_t layer) const;  // [ctx, kv_heads, head_dim]
-  float* v_cache(int64_t slot, int64_t layer) const;
-  float* kv_ = nullptr;  // [n_seq][K, V][layers][ctx][kv_heads][head_dim], mmap-reserved
+  // [ctx, kv_heads, head_dim] of float or fp16 bits (cfg.kv_f16)
+  char* k_cache(int64_t slot, int64_t layer) const;
+  char* v_cache(int64_t slot, int64_t layer) const;
+  char* kv_ = nullptr;  // [n_seq][K, V][layers][ctx][kv_heads][head_dim], mmap-reserved
   size_t kv_bytes_ = 0;
-  int64_t slot_floats_ = 0;  // floats of one slot's K (= of its V)
+  size_t kv_es_ = 4;  // bytes per cached value
+  int64_t slot_floats_ = 0;  // values of one slot's K (= of its V)
   std::vector<int64_t> lengths_;  // cached tokens per slot
   // scratch, grown to the largest m seen: no allocation per decode step after the first
   std::vector<float> x_, h_, q_, k_, v_, att_, o_, g_, u_, sc_, xo_, xp_;

@@ -31,4 +31,66 @@ int64_t scores_avx2(const float* q, const float* K, int64_t stride, int64_t n_ke
   return t;
 }
 
+// scores_avx2 over an fp16 cache: keys converted 8 values at a time (F16C)
+int64_t scores_f16_avx2(const float* q, const uint16_t* K, int64_t stride, int64_t n_keys, int64_t n,
+                        float scale, float* out) {
+  const __m256 vs = _mm256_set1_ps(scale);
+  int64_t t = 0;
+  auto load_h = [](const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  };
+  for (; t + 8 <= n_keys; t += 8) {
+    __m256 a[8];
+    for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + i);
+      for (int u = 0; u < 8; ++u)  // key t + u of the cache walk [t][kv][hd]
+        a[u] = _mm256_fmadd_ps(qv, load_h(K + (t + u) * stride + i), a[u]);
+    }
+    const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    const __m256 r = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+    _mm256_storeu_ps(out + t, _mm256_mul_ps(r, vs));
+  }
+  for (; t < n_keys; ++t) {  // the last keys one by one
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load_h(K + t * stride + i), a);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    out[t] = _mm_cvtss_f32(h) * scale;
+  }
+  return n_keys;
+}
+
+// out[0..n) = sum_t p[t] V[t], n a multiple of 8 (at most 256: the sum stays in registers
+// in chunks of 64 values)
+int64_t weighted_sum_f16_avx2(const float* p, const uint16_t* V, int64_t stride, int64_t n_keys,
+                              int64_t n, float* out) {
+  for (int64_t i0 = 0; i0 < n; i0 += 64) {
+    const int64_t w = n - i0 < 64 ? n - i0 : 64;  // values of this chunk, a multiple of 8
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < n_keys; ++t) {
+      const __m256 pt = _mm256_set1_ps(p[t]);
+      const uint16_t* v = V + t * stride + i0;  // value t of the cache walk [t][kv][hd]
+      for (int j = 0; j < w / 8; ++j)
+        acc[j] = _mm256_fmadd_ps(pt, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 8 * j))), acc[j]);
+    }
+    for (int j = 0; j < w / 8; ++j) _mm256_storeu_ps(out + i0 + 8 * j, acc[j]);
+  }
+  return n_keys;
+}
+
+void to_half_avx2(const float* x, uint16_t* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) {
+    const __m128i h = _mm_cvtps_ph(_mm_set_ss(x[i]), _MM_FROUND_TO_NEAREST_INT);
+    out[i] = uint16_t(_mm_extract_epi16(h, 0));
+  }
+}
+
 }  // namespace luthier

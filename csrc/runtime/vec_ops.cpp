@@ -2,6 +2,8 @@
 // without -ffast-math (the summation order is fixed, so results are deterministic).
 #include "vec_ops.h"
 
+#include "../lut_gemm.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -45,6 +47,60 @@ LUTHIER_CLONES float dot(const float* a, const float* b, int64_t n) {
   float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
+}
+
+#if defined(LUTHIER_X86)
+int64_t scores_f16_avx2(const float* q, const uint16_t* K, int64_t stride, int64_t n_keys, int64_t n,
+                        float scale, float* out);
+int64_t weighted_sum_f16_avx2(const float* p, const uint16_t* V, int64_t stride, int64_t n_keys,
+                              int64_t n, float* out);
+void to_half_avx2(const float* x, uint16_t* out, int64_t n);
+static bool f16c_ok() {  // at first use, after the CPU model is known
+  static const bool ok = (__builtin_cpu_init(), __builtin_cpu_supports("avx2") &&
+                          __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"));
+  return ok;
+}
+#endif
+
+void scores_f16(const float* q, const uint16_t* K, int64_t stride, int64_t n_keys, int64_t n,
+                float scale, float* out) {
+#if defined(LUTHIER_X86)
+  if (f16c_ok() && n % 8 == 0) {
+    scores_f16_avx2(q, K, stride, n_keys, n, scale, out);
+    return;
+  }
+#endif
+  for (int64_t t = 0; t < n_keys; ++t) {
+    const uint16_t* k = K + t * stride;  // key t of the cache walk [t][kv][hd]
+    float s = 0.f;
+    for (int64_t i = 0; i < n; ++i) s += q[i] * half_to_float(k[i]);
+    out[t] = s * scale;
+  }
+}
+
+void weighted_sum_f16(const float* p, const uint16_t* V, int64_t stride, int64_t n_keys, int64_t n,
+                      float* out) {
+#if defined(LUTHIER_X86)
+  if (f16c_ok() && n % 8 == 0) {
+    weighted_sum_f16_avx2(p, V, stride, n_keys, n, out);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) out[i] = 0.f;
+  for (int64_t t = 0; t < n_keys; ++t) {
+    const uint16_t* v = V + t * stride;  // value t of the cache walk [t][kv][hd]
+    for (int64_t i = 0; i < n; ++i) out[i] += p[t] * half_to_float(v[i]);
+  }
+}
+
+void to_half(const float* x, uint16_t* out, int64_t n) {
+#if defined(LUTHIER_X86)
+  if (f16c_ok()) {
+    to_half_avx2(x, out, n);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) out[i] = float_to_half(x[i]);
 }
 
 #if defined(LUTHIER_X86)

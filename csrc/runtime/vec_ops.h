@@ -15,6 +15,13 @@ void scores(const float* q, const float* K, int64_t stride, int64_t n_keys, int6
 // out[0..n) = sum_t p[t] * V[t * stride .. + n] (probability-weighted values)
 void weighted_sum(const float* p, const float* V, int64_t stride, int64_t n_keys, int64_t n,
                   float* out);
+// the same over an fp16 cache (IEEE binary16 bits)
+void scores_f16(const float* q, const uint16_t* K, int64_t stride, int64_t n_keys, int64_t n,
+                float scale, float* out);
+void weighted_sum_f16(const float* p, const uint16_t* V, int64_t stride, int64_t n_keys, int64_t n,
+                      float* out);
+// fp32 -> fp16 bits, n values
+void to_half(const float* x, uint16_t* out, int64_t n);
 // x[i] = exp(x[i] - mx), returns the sum; exp by range reduction + polynomial (rel. err ~2e-7)
 float exp_shift_sum(float* x, int64_t n, float mx);
 // g[i] = act(g[i]) * u[i], act = silu or gelu (tanh form)

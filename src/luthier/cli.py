@@ -44,6 +44,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "exact = exact int16 tables of int8 activations")
     p.add_argument("--threads", "-t", type=int, default=None, help="threads (default: all cores)")
     p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--kv-cache", choices=["f16", "f32"], default="f16",
+                   help="KV cache type (f16: half the memory and attention reads; default)")
 
 
 def _sampling(p: argparse.ArgumentParser) -> None:
@@ -64,10 +66,10 @@ def _load(a, n_seq: int = 1):
                       mode=a.mode, symmetric=a.symmetric)
     cb, close = _progress_bar()
     try:
-        lm = load_model(a.model, cfg, a.threads, a.ctx, progress=cb, n_seq=n_seq)
+        lm = load_model(a.model, cfg, a.threads, a.ctx, progress=cb, n_seq=n_seq, kv=a.kv_cache)
     finally:
         close()
-    from .qfile import ignored_options_note
+    from .qfile_cli import ignored_options_note
 
     note = ignored_options_note(a, lm)  # a quantized file keeps its own bits
     if note:
@@ -256,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
     add_ppl_parser(sub)
-    from .qfile import add_qfile_parsers
+    from .qfile_cli import add_qfile_parsers
 
     add_qfile_parsers(sub)
     return p

@@ -204,23 +204,28 @@ def load_model(
     progress: Callable[[int, int, str], None] | None = None,
     native: bool = True,
     n_seq: int = 1,
+    kv: str = "f16",
 ) -> LoadedModel:
     """Open a GGUF file (or Hugging Face folder), quantize its linear layers, build the model.
 
     native: run the decode step in C++ (csrc/runtime); False keeps the numpy Transformer.
     n_seq: KV slots of the native model (sequences decoded together by the server).
+    kv: the native KV cache's type, "f16" (half the memory and attention reads, as
+    llama.cpp's default) or "f32".
     """
+    if kv not in ("f16", "f32"):
+        raise ValueError(f"kv must be 'f16' or 'f32', got {kv!r}")
     quant = quant or QuantConfig()
     n_threads = n_threads or min(os.cpu_count() or 1, 8)
     path = resolve_model_path(model)
     from .qfile import is_luthier_file, load_quantized
 
     if is_luthier_file(path):  # `luthier quantize` output: packed arrays memory-mapped as they are
-        return load_quantized(path, quant, n_threads, ctx, native, n_seq)
+        return load_quantized(path, quant, n_threads, ctx, native, n_seq, kv)
     t0 = time.perf_counter()
     args, weights, tok, meta = read_float_model(path, progress, keep_codes=True)
     load_s = time.perf_counter() - t0
-    lm = _build(path, args, weights, tok, meta, quant, n_threads, progress, ctx, native, n_seq)
+    lm = _build(path, args, weights, tok, meta, quant, n_threads, progress, ctx, native, n_seq, kv)
     lm.load_seconds = load_s
     return lm
 
@@ -228,7 +233,8 @@ def load_model(
 DEFAULT_CTX = 4096  # like llama.cpp: the model's own context only on request (KV memory)
 
 
-def _build(path, args, weights, tok, meta, quant, n_threads, progress, ctx, native, n_seq=1) -> LoadedModel:
+def _build(path, args, weights, tok, meta, quant, n_threads, progress, ctx, native, n_seq=1,
+           kv="f16") -> LoadedModel:
     from .models import Transformer
 
     t0 = time.perf_counter()
@@ -259,7 +265,7 @@ def _build(path, args, weights, tok, meta, quant, n_threads, progress, ctx, nati
     if native:
         from .native import NativeModel
 
-        runner = NativeModel(model, n_ctx, n_threads, quant.mode, n_seq=n_seq)
+        runner = NativeModel(model, n_ctx, n_threads, quant.mode, n_seq=n_seq, kv=kv)
     lm = LoadedModel(path, args, runner, tok, meta, quant, n_threads)
     lm.quantize_seconds = time.perf_counter() - t0
     lm.linear_bytes = int(sum(getattr(l, "nbytes", 0) for l in linears))

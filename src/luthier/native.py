@@ -59,7 +59,8 @@ def _set_linear(dec, layer: int, name: str, lin, perms: dict | None = None) -> N
 
 
 class NativeModel:
-    def __init__(self, model, ctx: int, n_threads: int = 1, mode: str = "exact", n_seq: int = 1):
+    def __init__(self, model, ctx: int, n_threads: int = 1, mode: str = "exact", n_seq: int = 1,
+                 kv: str = "f32"):
         a = model.args
         self.args = a
         self.vocab_size = model.vocab_size
@@ -71,7 +72,7 @@ class NativeModel:
             attn_softcap=float(a.attn_logit_softcap or 0.0),
             final_softcap=float(a.final_logit_softcap or 0.0),
             neox=a.rope_style == "neox", gelu=a.activation == "gelu_tanh", mode=mode,
-            n_threads=int(n_threads), n_seq=int(n_seq))
+            n_threads=int(n_threads), n_seq=int(n_seq), kv=kv)
         emb = model.tok_embd
         if emb.dtype == np.float16:
             dec.set_embedding_f16(np.ascontiguousarray(emb).view(np.uint16))
@@ -97,6 +98,7 @@ class NativeModel:
         self._dec = dec
         self.ctx = int(ctx)
         self.n_seq = int(n_seq)
+        self.kv = kv
 
     @property
     def n_threads(self) -> int:

@@ -22,13 +22,11 @@ Writes are atomic (`atomic_output`): a temp file beside OUT, fsync, rename.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -276,39 +274,72 @@ def _gptq_linears(args, weights, tok, quant, calib: dict, progress) -> dict[str,
     return out
 
 
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+
+
+def _rtn_linears(args: Any, weights: dict, quant: Any, progress: Progress | None) -> dict[str, Any]:
+    """Every linear quantized as engine._build would, by name."""
+    from . import engine
+    from .models import Transformer
+
+    linears: dict[str, Any] = {}
+    n_lin = 7 * args.n_layers + 1  # q, k, v, o, gate, up, down per block, and the head
+
+    def factory(name: str, w: np.ndarray):
+        head = name in ("output.weight", "token_embd.weight")
+        lin = engine.make_linear(w, quant.head_bits if head else quant.bits,
+                                 quant.head_group_size if head else quant.group_size, quant, 1)
+        linears[name] = lin
+        if progress:
+            progress(len(linears), n_lin, f"quantizing {name}")
+        return lin
+
+    Transformer(args, weights, factory)
+    return linears
+
+
+def _awq_linears(path: str, quant: Any, calib: dict, use_gptq: bool) -> tuple[Any, dict, dict, dict]:
+    """AWQ (quant/awq.py): its per-channel scales are folded into the norms and v rows, so
+    the file stores those folded float weights next to the quantized linears."""
+    from . import engine
+    from .kernels import QLinear
+    from .quant.awq import quantize_model_awq
+
+    lm = quantize_model_awq(path, quant.bits, quant.group_size, calib["file"], n_samples=calib["samples"],
+                            seq_len=calib["len"], head_bits=quant.head_bits, head_group_size=quant.head_group_size,
+                            symmetric=quant.symmetric, mode=quant.mode, native=False, use_gptq=use_gptq,
+                            act_order=calib.get("act_order", False), percdamp=calib["percdamp"])
+    weights = lm.extra["awq_weights"]  # folded: what the quantized linears expect as inputs
+    linears = {name: QLinear(qt, mode=quant.mode) for name, qt in lm.extra["qtensors"].items()}
+    head = "output.weight" if "output.weight" in weights else "token_embd.weight"  # tied or not
+    linears[head] = engine.make_linear(weights[head], quant.head_bits, quant.head_group_size, quant, 1)
+    return lm.args, weights, lm.metadata, linears
+
+
 def quantize_to_file(model: str | None, out: str, quant: Any, method: str = "rtn",
                      calib: dict | None = None, force: bool = False,
                      progress: Progress | None = None) -> dict[str, Any]:
     """Quantize MODEL (GGUF or HF folder) with `quant` (engine.QuantConfig) by `method`
-    ("rtn" | "gptq"; calib: file, samples, len, act_order, percdamp) and write a luthier
+    (METHODS; calib: file, samples, len, act_order, percdamp) and write a luthier
     file. Returns statistics (seconds, bytes, bits per weight of the block linears)."""
     from . import engine
-    from .models import Transformer
 
-    if method not in ("rtn", "gptq"):
-        raise ValueError(f"method must be rtn or gptq, got {method!r}")
-    if method == "gptq" and (quant.bits not in (1, 2, 3, 4) or not (calib or {}).get("file")):
-        raise ValueError(f"--method gptq needs --bits 1-4 (got {quant.bits}) and --calib FILE (calibration text)")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method != "rtn" and (quant.bits not in (1, 2, 3, 4, "ternary") or not (calib or {}).get("file")):
+        raise ValueError(f"--method {method} needs --bits 1-4 or ternary (got {quant.bits}) and --calib FILE "
+                         "(calibration text)")
     out = check_output(out, force)  # before the slow part
     path = engine.resolve_model_path(model)
     t0 = time.perf_counter()
-    args, weights, tok, meta = engine.read_float_model(path, progress)
-    if method == "gptq":
-        linears = _gptq_linears(args, weights, tok, quant, calib or {}, progress)
+    if method.startswith("awq"):  # AWQ reads the model itself and folds its scales into it
+        args, weights, meta, linears = _awq_linears(path, quant, calib or {}, method == "awq+gptq")
     else:
-        linears = {}
-
-        def factory(name: str, w: np.ndarray):  # engine._build's choice of layer, by name
-            head = name in ("output.weight", "token_embd.weight")
-            lin = engine.make_linear(w, quant.head_bits if head else quant.bits,
-                                     quant.head_group_size if head else quant.group_size, quant, 1)
-            linears[name] = lin
-            if progress:
-                progress(len(linears), n_lin, f"quantizing {name}")
-            return lin
-
-        n_lin = 7 * args.n_layers + 1  # q, k, v, o, gate, up, down per block, and the head
-        Transformer(args, weights, factory)
+        args, weights, tok, meta = engine.read_float_model(path, progress)
+        if method == "gptq":
+            linears = _gptq_linears(args, weights, tok, quant, calib or {}, progress)
+        else:
+            linears = _rtn_linears(args, weights, quant, progress)
     t_quant = time.perf_counter() - t0
     floats = {n: w for n, w in weights.items() if n not in linears or n == "token_embd.weight"}
     info = dict(bits=quant.bits, group_size=quant.group_size, head_bits=quant.head_bits,
@@ -410,7 +441,7 @@ def _args_and_tokenizer(meta: dict) -> tuple[Any, Any]:
 
 
 def load_quantized(path: str, quant: Any = None, n_threads: int | None = None, ctx: int | None = None,
-                   native: bool = True, n_seq: int = 1) -> Any:
+                   native: bool = True, n_seq: int = 1, kv: str = "f16") -> Any:
     """An engine.LoadedModel from a luthier file, memory-mapped. Of `quant` only `mode`
     (a runtime choice) is used; bits, group sizes and the rest are the file's."""
     from . import engine
@@ -459,7 +490,7 @@ def load_quantized(path: str, quant: Any = None, n_threads: int | None = None, c
     if native:
         from .native import NativeModel
 
-        runner = NativeModel(model, n_ctx, n_threads, cfg.mode, n_seq=n_seq)
+        runner = NativeModel(model, n_ctx, n_threads, cfg.mode, n_seq=n_seq, kv=kv)
     lm = engine.LoadedModel(path, args, runner, tok, meta, cfg, n_threads)
     lm.load_seconds = time.perf_counter() - t0
     lm.linear_bytes = int(sum(getattr(l, "nbytes", 0) for l in linears.values()))
@@ -508,92 +539,3 @@ def convert_to_file(model: str | None, out: str, to: str = "f16", force: bool = 
 
 
 # ----------------------------------------------------------------------------- command line
-
-_QUANTIZE_HELP = """\
-Quantize once into one file (GGUF container) that every other command loads memory-mapped
-as stored: luthier run OUT.gguf "prompt". Given such a file, commands ignore --bits,
---group-size, --head-bits and --symmetric (with a note); --mode and --threads apply."""
-
-_CONVERT_HELP = """\
-Write a GGUF model dequantized as an f16/f32 GGUF llama.cpp reads (its metadata and tensor
-names; 1-D tensors stay f32), so both engines quantize from the same float weights. GGUF
-sources only: for a Hugging Face folder use llama.cpp's convert_hf_to_gguf.py."""
-
-
-def add_qfile_parsers(sub: Any) -> None:
-    """Add `luthier quantize` and `luthier convert` to the CLI's subparsers."""
-    from .engine import parse_bits
-
-    raw = argparse.RawDescriptionHelpFormatter
-    q = sub.add_parser("quantize", help="write a quantized model file (loads in well under a second)",
-                       description=_QUANTIZE_HELP, formatter_class=raw)
-    q.add_argument("model", nargs="?", help="GGUF file or Hugging Face folder (default: SmolLM2-135M)")
-    c = sub.add_parser("convert", help="write a GGUF model as an f16/f32 GGUF for llama.cpp",
-                       description=_CONVERT_HELP, formatter_class=raw)
-    c.add_argument("model", nargs="?", help="GGUF file (default: SmolLM2-135M)")
-    c.add_argument("--to", choices=["f16", "f32"], default="f16", help="float type of the output (default f16)")
-    for p in (q, c):
-        p.add_argument("-o", "--output", required=True, help="output file (OUT.gguf)")
-        p.add_argument("--force", "-f", action="store_true", help="overwrite an existing output file")
-    q.add_argument("--bits", type=parse_bits, default=4, help="linear layer bits: 1, 2, 3, 4, ternary, 8, 16")
-    q.add_argument("--group-size", type=int, default=128, help="weights per scale along k")
-    q.add_argument("--head-bits", type=parse_bits, default=8, help="output head bits (8: int8 kernel)")
-    q.add_argument("--symmetric", action="store_true", help="no zero points")
-    q.add_argument("--mode", choices=["exact", "fast"], default="fast",
-                   help="LUT table mode recorded in the file (a runtime choice: --mode when running wins)")
-    q.add_argument("--method", choices=["rtn", "gptq"], default="rtn",
-                   help="rtn: round to nearest; gptq: calibrated on --calib text")
-    q.add_argument("--calib", default=None, help="calibration text file (GPTQ)")
-    q.add_argument("--calib-samples", type=int, default=None, help="GPTQ calibration sequences (default 32)")
-    q.add_argument("--calib-len", type=int, default=None, help="tokens per calibration sequence (default 512)")
-    q.add_argument("--act-order", action="store_true", help="GPTQ: columns in order of decreasing H_ii")
-    q.add_argument("--percdamp", type=float, default=None, help="GPTQ damping (default 0.01)")
-    q.set_defaults(fn=cmd_quantize)
-    c.set_defaults(fn=cmd_convert)
-
-
-def _with_progress_bar(fn: Callable[..., dict], *args: Any) -> dict:
-    from .cli import _progress_bar
-
-    cb, close = _progress_bar()
-    try:
-        return fn(*args, progress=cb)
-    finally:
-        close()
-
-
-def cmd_quantize(a: argparse.Namespace) -> int:
-    from .engine import QuantConfig
-    from .quant.calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN
-    from .quant.gptq import DEFAULT_PERCDAMP
-
-    cfg = QuantConfig(bits=a.bits, group_size=a.group_size, head_bits=a.head_bits, mode=a.mode, symmetric=a.symmetric)
-    calib = dict(file=a.calib, samples=a.calib_samples or DEFAULT_N_SAMPLES, len=a.calib_len or DEFAULT_SEQ_LEN,
-                 act_order=a.act_order, percdamp=DEFAULT_PERCDAMP if a.percdamp is None else a.percdamp)
-    if a.method == "rtn" and a.calib:
-        print("note: --calib is used by --method gptq only", file=sys.stderr)
-    st = _with_progress_bar(quantize_to_file, a.model, a.output, cfg, a.method, calib, a.force)
-    print(f"wrote {st['path']}: {st['file_bytes'] / 1e6:.1f} MB; block linears {st['block_bytes'] / 1e6:.1f} MB "
-          f"= {st['bits_per_weight']:.3f} bits/weight; {a.method} {st['quantize_seconds']:.1f} s, "
-          f"total {st['seconds']:.1f} s", file=sys.stderr)
-    return 0
-
-
-def cmd_convert(a: argparse.Namespace) -> int:
-    st = _with_progress_bar(convert_to_file, a.model, a.output, a.to, a.force)
-    print(f"wrote {st['path']}: {st['file_bytes'] / 1e6:.1f} MB ({a.to}) in {st['seconds']:.1f} s", file=sys.stderr)
-    return 0
-
-
-def ignored_options_note(a: argparse.Namespace, lm: Any) -> str | None:
-    """The note a command prints when it loaded a luthier file but was given quantization
-    options (ones that differ from both the defaults and the file's; the file wins)."""
-    from .engine import QuantConfig
-
-    if lm.extra.get("qfile") is None:
-        return None
-    d, q = QuantConfig(), lm.quant
-    given = [f"--{attr.replace('_', '-')}" for attr in ("bits", "group_size", "head_bits", "symmetric")
-             if getattr(a, attr, None) not in (None, getattr(d, attr), getattr(q, attr))]
-    return (f"note: {lm.path} is a quantized luthier file (bits {q.bits}, group {q.group_size}, head "
-            f"{q.head_bits}, {lm.extra.get('method')}): {', '.join(given)} ignored") if given else None
