@@ -266,8 +266,10 @@ def cmd_ppl(a: argparse.Namespace) -> int:
     use_numpy = a.backend == "numpy" or (a.backend == "auto" and _uses_float_linear(lm))
     if use_numpy:
         model = lm.extra["reference"]
-    print(f"ppl: {lm.path}  bits={a.bits} group={a.group_size} head_bits={a.head_bits} "
-          f"method={a.method} ctx={a.ctx} backend={'numpy' if use_numpy else 'native'}", file=sys.stderr)
+    q = lm.quant  # what the model holds: a quantized file's own settings, not the options
+    method = lm.extra.get("method") or a.method
+    print(f"ppl: {lm.path}  bits={q.bits} group={q.group_size} head_bits={q.head_bits} "
+          f"method={method} ctx={a.ctx} backend={'numpy' if use_numpy else 'native'}", file=sys.stderr)
 
     def progress(done: int, total: int, ppl: float) -> None:
         # llama.cpp's running output: [chunk]ppl,
