@@ -115,9 +115,10 @@ def test_cli_refuses_to_overwrite_without_force_and_runs_the_file(qpath, tmp_pat
 
 
 @needs_model
-def test_gptq_without_calibration_text_is_refused_before_writing(tmp_path, capsys):
+@pytest.mark.parametrize("method", ["gptq", "awq", "awq+gptq"])
+def test_calibrated_method_without_calibration_text_is_refused_before_writing(tmp_path, capsys, method):
     out = tmp_path / "g.gguf"
-    assert cli.main(["quantize", str(SMOLLM2), "--method", "gptq", "-o", str(out)]) == 1
+    assert cli.main(["quantize", str(SMOLLM2), "--method", method, "-o", str(out)]) == 1
     assert "--calib" in capsys.readouterr().err and not out.exists()
 
 
@@ -340,3 +341,23 @@ def test_gptq_file_equals_the_in_memory_gptq_model(tiny_hf, tmp_path, one_blas_t
     assert a.extra["method"] == "gptq"
     tokens = b.tokenizer.encode(PROMPT)
     np.testing.assert_array_equal(logits(a.model, tokens), logits(b.model, tokens))
+
+
+def test_awq_file_equals_the_in_memory_awq_model(tiny_hf, tmp_path, one_blas_thread):
+    """AWQ folds its scales into the norms and v/up rows: the file must carry those folded
+    float weights next to the codes, and then computes what the in-memory model does."""
+    from luthier.quant.awq import quantize_model_awq
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("First Citizen: Before we proceed any further, hear me speak. " * 20)
+    out = tmp_path / "tiny-awq.gguf"
+    assert cli.main(["quantize", str(tiny_hf), "--method", "awq", "--bits", "3", "--group-size", "32",
+                     "--calib", str(calib), "--calib-samples", "3", "--calib-len", "24", "-o", str(out)]) == 0
+    a = load_model(out, n_threads=1, ctx=32, kv="f32")  # as quantize_model_awq's NativeModel
+    b = quantize_model_awq(str(tiny_hf), 3, 32, str(calib), 3, 24, head_bits=8, n_threads=1, ctx=32)
+    assert a.extra["method"] == "awq"
+    tokens = b.tokenizer.encode(PROMPT)
+    np.testing.assert_array_equal(logits(a.model, tokens), logits(b.model, tokens))
+    # the folding is in the file: its norms differ from the source's
+    src = load_model(str(tiny_hf), n_threads=1, ctx=32)
+    assert not np.array_equal(a.extra["reference"].layers[0].attn_norm, src.extra["reference"].layers[0].attn_norm)
