@@ -237,9 +237,11 @@ class BatchScheduler:
         if left is None:
             return
         if left <= 1:
+            # count before the job leaves `_left`: a reader that sees the worker idle
+            # (no jobs) must also see the count
+            self.n_done += 1
             del self._left[s.job]
             self._post(s.job, None)
-            self.n_done += 1
         else:
             self._left[s.job] = left - 1
 
@@ -253,6 +255,6 @@ class BatchScheduler:
             self.free_slots.append(s.slot)
         self.waiting = collections.deque(s for s in self.waiting if not s.job.cancelled.is_set())
         for j in gone:
+            self.n_cancelled += 1  # before the job leaves `_left` (see _seq_done)
             del self._left[j]
             j.emit(None)
-            self.n_cancelled += 1

@@ -302,11 +302,10 @@ class Worker:
             return
         job.cancelled.set()
         with self._cv:
-            try:
-                self._pending.remove(job)
-            except ValueError:
+            if job not in self._pending:
                 return  # running (the scheduler drops it at its next step) or done
-            self._n_cancelled += 1
+            self._n_cancelled += 1  # before it leaves the queue: idle implies counted
+            self._pending.remove(job)
 
     def call(self, fn: Callable[[Any], Any], timeout: float | None = None) -> Any:
         """fn(lm) on the model thread, waiting for its result (never from the event loop)."""
@@ -347,8 +346,8 @@ class Worker:
                 job.run(self.lm)
         finally:
             with self._cv:
-                self._running = None
-                if job.cancelled.is_set():
+                if job.cancelled.is_set():  # counted before the worker looks idle
                     self._n_cancelled += 1
                 else:
                     self._n_done += 1
+                self._running = None
