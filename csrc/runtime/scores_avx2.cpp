@@ -8,10 +8,18 @@
 
 namespace luthier {
 
-// out[t] = scale * q . K[t * stride .. + n], n a multiple of 8; returns keys done (a
-// multiple of 8; the caller finishes the rest)
-int64_t scores_avx2(const float* q, const float* K, int64_t stride, int64_t n_keys, int64_t n,
-                    float scale, float* out) {
+namespace {
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {  // 8 fp16 values (F16C)
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// out[t] = scale * q . K[t * stride .. + n] for whole blocks of 8 keys, n a multiple of 8;
+// returns the keys done (a multiple of 8)
+template <typename T>
+int64_t score_blocks(const float* q, const T* K, int64_t stride, int64_t n_keys, int64_t n,
+                     float scale, float* out) {
   const __m256 vs = _mm256_set1_ps(scale);
   int64_t t = 0;
   for (; t + 8 <= n_keys; t += 8) {
@@ -20,7 +28,7 @@ int64_t scores_avx2(const float* q, const float* K, int64_t stride, int64_t n_ke
     for (int64_t i = 0; i < n; i += 8) {
       const __m256 qv = _mm256_loadu_ps(q + i);
       for (int u = 0; u < 8; ++u)  // key t + u of the cache walk [t][kv][hd]
-        a[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + (t + u) * stride + i), a[u]);
+        a[u] = _mm256_fmadd_ps(qv, load8(K + (t + u) * stride + i), a[u]);
     }
     // lane u of r = sum of a[u]'s 8 lanes
     const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
@@ -31,30 +39,21 @@ int64_t scores_avx2(const float* q, const float* K, int64_t stride, int64_t n_ke
   return t;
 }
 
-// scores_avx2 over an fp16 cache: keys converted 8 values at a time (F16C)
+}  // namespace
+
+// float cache: whole blocks of 8 keys; returns the keys done (the caller finishes the rest)
+int64_t scores_avx2(const float* q, const float* K, int64_t stride, int64_t n_keys, int64_t n,
+                    float scale, float* out) {
+  return score_blocks(q, K, stride, n_keys, n, scale, out);
+}
+
+// fp16 cache: every key (the last n_keys % 8 one by one)
 int64_t scores_f16_avx2(const float* q, const uint16_t* K, int64_t stride, int64_t n_keys, int64_t n,
                         float scale, float* out) {
-  const __m256 vs = _mm256_set1_ps(scale);
-  int64_t t = 0;
-  auto load_h = [](const uint16_t* p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  };
-  for (; t + 8 <= n_keys; t += 8) {
-    __m256 a[8];
-    for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < n; i += 8) {
-      const __m256 qv = _mm256_loadu_ps(q + i);
-      for (int u = 0; u < 8; ++u)  // key t + u of the cache walk [t][kv][hd]
-        a[u] = _mm256_fmadd_ps(qv, load_h(K + (t + u) * stride + i), a[u]);
-    }
-    const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-    const __m256 r = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
-    _mm256_storeu_ps(out + t, _mm256_mul_ps(r, vs));
-  }
+  int64_t t = score_blocks(q, K, stride, n_keys, n, scale, out);
   for (; t < n_keys; ++t) {  // the last keys one by one
     __m256 a = _mm256_setzero_ps();
-    for (int64_t i = 0; i < n; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load_h(K + t * stride + i), a);
+    for (int64_t i = 0; i < n; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(K + t * stride + i), a);
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
     h = _mm_add_ss(h, _mm_movehdup_ps(h));
