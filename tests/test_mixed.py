@@ -127,3 +127,42 @@ def test_ppl_command_mixed_needs_budget(tmp_path, monkeypatch, capsys):
     args, wts = constructed_model()
     with pytest.raises(ValueError, match="--bpw-budget"):
         run_ppl_command(tmp_path, monkeypatch, capsys, args, wts, ["--method", "mixed"])
+
+
+def test_candidates_parse_bits_and_bits_with_groups():
+    assert mixed.parse_candidates("2,3,4") == (2, 3, 4)
+    assert mixed.parse_candidates("3g128, 4G32,4") == ((3, 128), (4, 32), 4)
+    for bad in ("5", "4g0", "4gx", "", "g32"):
+        with pytest.raises(ValueError, match="mixed candidates"):
+            mixed.parse_candidates(bad)
+
+
+def test_group_size_candidates_are_allocated_per_layer(tmp_path, monkeypatch):
+    """Candidates that differ only in group size: finer groups cost more bits and are
+    given to the layers that matter; each layer is built at its own group size."""
+    args, wts = constructed_model()
+    monkeypatch.setattr(calib, "read_float_model", lambda path: (args, wts, CharTokenizer(), {}))
+    model_file = tmp_path / "tiny.gguf"
+    model_file.write_bytes(b"")
+    calib_file = tmp_path / "calib.txt"
+    calib_file.write_text("Now is the winter of our discontent made glorious summer. " * 8)
+    cands = ((3, 32), (3, 16), (3, 8))  # 4, 5, 7 bits/weight
+    lm = mixed.quantize_model_mixed(str(model_file), 5.0, 32, str(calib_file), candidate_bits=cands,
+                                    n_samples=4, seq_len=16, sens_samples=2, sens_len=12, n_threads=1, ctx=32,
+                                    head_bits=16)
+    m = lm.extra["mixed"]
+    qts = lm.extra["qtensors"]
+    assert m["bpw"] <= 5.0 and set(m["counts"]) == {"3g32", "3g16", "3g8"}
+    assert all(qt.bits == 3 for qt in qts.values())
+    assert {qt.group_size for qt in qts.values()} > {32}  # some layers got finer groups
+    assert all(m["groups"][n] == qts[n].group_size for n in qts)
+    attn1 = [f"blk.1.{n}.weight" for n in ("attn_q", "attn_k", "attn_v", "attn_output")]
+    assert all(qts[n].group_size == 32 for n in attn1)  # the insensitive layers stay coarse
+    sizes = {n: qts[n].n * qts[n].k for n in qts}
+    achieved = sum(sizes[n] * mixed.layer_bpw(3, qts[n].group_size) for n in qts) / sum(sizes.values())
+    assert achieved == pytest.approx(m["bpw"])
+    deq = Transformer(args, wts, lambda n, w: float_linear(n, qts[n].dequantize() if n in qts else w))
+    toks = np.arange(10) % 40
+    got = lm.model.forward(toks, lm.model.new_cache(32), 0)
+    want = deq.forward(toks, deq.new_cache(32), 0)
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()

@@ -161,7 +161,9 @@ def add_ppl_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="calibration sequences (default 32)")
     p.add_argument("--calib-len", type=int, default=None,
                    help="tokens per calibration sequence (default 512)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ: columns in order of decreasing H_ii")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ: columns in order of decreasing H_ii (default on: W4 g128 on SmolLM2, "
+                        "WikiText-2 PPL 37.2 without, 34.0 with)")
     p.add_argument("--percdamp", type=float, default=None,
                    help="GPTQ damping, a fraction of mean(diag H) (default 0.01)")
     p.add_argument("--awq-grid", type=int, default=None, help="AWQ: alphas searched (default 20)")
@@ -171,7 +173,9 @@ def add_ppl_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--bpw-budget", type=float, default=None,
                    help="mixed: average bits per weight of the block linears, scales and zeros "
                         "counted (e.g. 3.0)")
-    p.add_argument("--mixed-bits", default="2,3,4", help="mixed: candidate bits (default 2,3,4)")
+    p.add_argument("--mixed-bits", default="2,3,4",
+                   help="mixed: candidates, bits at --group-size or BITSgGROUP (default 2,3,4; e.g. "
+                        "3g128,4g128,4g64,4g32)")
     p.add_argument("--mixed-rtn", action="store_true",
                    help="mixed: round-to-nearest at the chosen bits instead of GPTQ")
     p.add_argument("--backend", choices=["auto", "native", "numpy"], default="auto",
@@ -217,11 +221,14 @@ def quantize_calibrated(a: argparse.Namespace, progress: Callable[[int, int, str
 
         if a.bpw_budget is None:
             raise ValueError("--method mixed needs --bpw-budget (average bits per weight, e.g. 3.0)")
-        cand = tuple(int(b) for b in str(a.mixed_bits).split(","))
+        from .quant.mixed import parse_candidates
+
+        cand = parse_candidates(a.mixed_bits)
         lm = quantize_model_mixed(path, a.bpw_budget, a.group_size, a.calib, candidate_bits=cand,
                                   use_gptq=not a.mixed_rtn, **common)
         m = lm.extra["mixed"]
-        counts = ", ".join(f"{n} at {b} bits" for b, n in m["counts"].items())
+        counts = ", ".join(f"{n} at {b} bits" if isinstance(b, int) else f"{n} at {b}"
+                           for b, n in m["counts"].items())
         return lm, (f"mixed: {m['layers']} layers, {m['bpw']:.4f} bits/weight (budget {m['budget']}): {counts}; "
                     f"{m['seconds']:.1f} s (sensitivity {m['sensitivity_seconds']:.1f} s)")
     if a.bits not in (2, 3, 4, "ternary"):

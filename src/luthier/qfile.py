@@ -266,7 +266,7 @@ def _gptq_linears(args, weights, tok, quant, calib: dict, progress) -> dict[str,
     tokens = calibration_tokens(tok, text, calib["samples"], calib["len"], calib.get("seed", 0))
     model = Transformer(args, weights, calibration_factory())
     qts, _ = gptq_model_layers(model, tokens, quant.bits, lambda k: engine._fit_group(k, quant.group_size),
-                               quant.symmetric, calib["act_order"], percdamp=calib["percdamp"],
+                               quant.symmetric, calib.get("act_order", True), percdamp=calib["percdamp"],
                                progress=progress)
     out = {name: QLinear(qt, mode=quant.mode) for name, qt in qts.items()}
     head = "output.weight" if "output.weight" in weights else "token_embd.weight"  # tied or not
@@ -308,7 +308,7 @@ def _awq_linears(path: str, quant: Any, calib: dict, use_gptq: bool) -> tuple[An
     lm = quantize_model_awq(path, quant.bits, quant.group_size, calib["file"], n_samples=calib["samples"],
                             seq_len=calib["len"], head_bits=quant.head_bits, head_group_size=quant.head_group_size,
                             symmetric=quant.symmetric, mode=quant.mode, native=False, use_gptq=use_gptq,
-                            act_order=calib.get("act_order", False), percdamp=calib["percdamp"])
+                            act_order=calib.get("act_order", True), percdamp=calib["percdamp"])
     weights = lm.extra["awq_weights"]  # folded: what the quantized linears expect as inputs
     linears = {name: QLinear(qt, mode=quant.mode) for name, qt in lm.extra["qtensors"].items()}
     head = "output.weight" if "output.weight" in weights else "token_embd.weight"  # tied or not

@@ -45,7 +45,9 @@ def add_qfile_parsers(sub: Any) -> None:
     q.add_argument("--calib", default=None, help="calibration text file (gptq, awq)")
     q.add_argument("--calib-samples", type=int, default=None, help="GPTQ calibration sequences (default 32)")
     q.add_argument("--calib-len", type=int, default=None, help="tokens per calibration sequence (default 512)")
-    q.add_argument("--act-order", action="store_true", help="GPTQ: columns in order of decreasing H_ii")
+    q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ: columns in order of decreasing H_ii (default on: W4 g128 on SmolLM2, "
+                        "WikiText-2 PPL 37.2 without, 34.0 with)")
     q.add_argument("--percdamp", type=float, default=None, help="GPTQ damping (default 0.01)")
     q.set_defaults(fn=cmd_quantize)
     c.set_defaults(fn=cmd_convert)

@@ -144,10 +144,13 @@ class Server:
         checked = loop.time()
         try:
             while True:
-                try:
-                    ev = await asyncio.wait_for(job.events.get(), POLL_S)
-                except asyncio.TimeoutError:
-                    ev = False
+                try:  # an event already queued needs no timer task (one per token otherwise)
+                    ev = job.events.get_nowait()
+                except asyncio.QueueEmpty:
+                    try:
+                        ev = await asyncio.wait_for(job.events.get(), POLL_S)
+                    except asyncio.TimeoutError:
+                        ev = False
                 if request is not None and loop.time() - checked >= POLL_S:
                     checked = loop.time()
                     if await request.is_disconnected():

@@ -409,7 +409,7 @@ def quantize_model_awq(
     clip: bool = True,
     use_gptq: bool = False,
     search_samples: int | None = DEFAULT_SEARCH_SAMPLES,
-    act_order: bool = False,
+    act_order: bool = True,
     block_size: int = DEFAULT_BLOCK_SIZE,
     percdamp: float = DEFAULT_PERCDAMP,
     seed: int = 0,

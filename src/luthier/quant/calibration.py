@@ -359,7 +359,7 @@ def quantize_model_gptq(
     head_bits: Any = 4,
     head_group_size: int = 32,
     symmetric: bool = False,
-    act_order: bool = False,
+    act_order: bool = True,
     mode: str = "fast",
     n_threads: int | None = None,
     ctx: int | None = None,

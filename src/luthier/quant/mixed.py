@@ -10,6 +10,11 @@ cost(l, b) = KL(l, b_min) * tr(E_b H E_b^T) / tr(E_bmin H E_bmin^T), E_b = W - R
 (a second-order model of the loss is linear in the output error's energy, and the error
 of one layer's rounding keeps its direction across bit widths).
 
+A candidate is a number of bits (at the group size given to the command) or a pair (bits,
+group size), e.g. (4, 128), (4, 32), (3, 64): group size is a precision knob as much as the
+bits are (on SmolLM2, 4-bit layers at group 32 cost 0.5 bit/weight more than at 128 and
+remove most of their error), so the allocation may trade either.
+
 Bits per weight of a layer (what the budget counts): bits + 16/g for the fp16 scales,
 + 16/g more for fp16 zeros unless symmetric, g the group size fitted to the row as the
 engine fits it. The allocation (allocate_bits) starts every layer at its cheapest
@@ -49,6 +54,48 @@ CANDIDATE_BITS = (2, 3, 4)
 DEFAULT_SENS_SAMPLES = 2
 DEFAULT_SENS_LEN = 128
 GroupFit = Callable[[int], int]
+Candidate = int | tuple[int, int]  # bits (at the command's group size), or (bits, group size)
+
+
+def cand_bits(c: Candidate) -> int:
+    return c[0] if isinstance(c, tuple) else int(c)
+
+
+def cand_group(c: Candidate, k: int, fit: GroupFit) -> int:
+    """The group size of candidate c on a row of k weights, fitted as the engine fits it."""
+    if isinstance(c, tuple):
+        from ..engine import _fit_group
+
+        return _fit_group(k, c[1])
+    return fit(k)
+
+
+def cand_label(c: Candidate) -> str:
+    return f"{c[0]}g{c[1]}" if isinstance(c, tuple) else str(c)
+
+
+def parse_candidates(text: str) -> tuple[Candidate, ...]:
+    """'2,3,4' -> (2, 3, 4); '3g128,4g128,4g32' -> ((3, 128), (4, 128), (4, 32))."""
+    out: list[Candidate] = []
+    for item in str(text).split(","):
+        item = item.strip().lower()
+        try:
+            if "g" in item:
+                b, g = item.split("g", 1)
+                out.append((int(b), int(g)))
+            else:
+                out.append(int(item))
+        except ValueError:
+            raise ValueError(f"mixed candidates are BITS or BITSgGROUP (e.g. 4g32), got {item!r}") from None
+    if not out or any(cand_bits(c) not in (1, 2, 3, 4) for c in out) or any(
+            isinstance(c, tuple) and c[1] < 1 for c in out):
+        raise ValueError(f"mixed candidates need bits 1-4 and positive group sizes, got {text!r}")
+    return tuple(out)
+
+
+def _cheapest(cands, k: int, fit: GroupFit) -> Candidate:
+    """The candidate with the fewest bits per weight on a row of k (scales counted)."""
+    return min(cands, key=lambda c: (cand_bits(c), -cand_group(c, k, fit)))
 
 
 def layer_bpw(bits: int, group_size: int, symmetric: bool = False) -> float:
@@ -111,13 +158,13 @@ def measure_sensitivity(
     args: Any,
     weights: dict[str, np.ndarray],
     tokens: np.ndarray,
-    candidate_bits: tuple[int, ...],
+    candidate_bits: tuple[Candidate, ...],
     fit: GroupFit,
     symmetric: bool = False,
     progress: Progress | None = None,
-) -> tuple[dict[str, dict[int, float]], dict]:
-    """cost[layer][bits] of every block linear (module docstring) on tokens [N, L].
-    Returns (cost, {"kl": KL at the lowest bits, "err": output errors by bits})."""
+) -> tuple[dict[str, dict[Candidate, float]], dict]:
+    """cost[layer][candidate] of every block linear (module docstring) on tokens [N, L].
+    Returns (cost, {"kl": KL at the cheapest candidate, "err": output errors by candidate})."""
     from ..models import Transformer
     from ..models.transformer import rms_norm, softcap
 
@@ -128,7 +175,7 @@ def measure_sensitivity(
     positions = np.arange(seq_len)
     trig = {id(r): r.cos_sin(positions) for r in model._ropes.values()}
     cache = model.new_cache(seq_len)
-    b_min = min(candidate_bits)
+    fq = lambda c, k: fake_quantizer(cand_bits(c), cand_group(c, k, fit), symmetric)  # noqa: E731
 
     def block(j: int, lay: Any, x: np.ndarray) -> np.ndarray:
         rope = model.layer_rope(j)
@@ -156,8 +203,7 @@ def measure_sensitivity(
         for n, c in caps.items():
             w = getattr(layer, _ATTR[n]).w
             h = c.acc.hessian.astype(np.float32)
-            q = {b: fake_quantizer(b, fit(w.shape[1]), symmetric) for b in candidate_bits}
-            err[f"blk.{i}.{n}.weight"] = {b: output_error(w - q[b](w), h) for b in candidate_bits}
+            err[f"blk.{i}.{n}.weight"] = {c: output_error(w - fq(c, w.shape[1])(w), h) for c in candidate_bits}
     ref = [log_probs(x[s]) for s in range(n_samples)]  # [L, vocab] each
     p_ref = [np.exp(r) for r in ref]
 
@@ -168,7 +214,8 @@ def measure_sensitivity(
         for n in BLOCK_LINEARS:
             lin = getattr(layer, _ATTR[n])
             name = f"blk.{i}.{n}.weight"
-            lin.override = np.ascontiguousarray(fake_quantizer(b_min, fit(lin.w.shape[1]), symmetric)(lin.w).T)
+            c_min = _cheapest(candidate_bits, lin.w.shape[1], fit)
+            lin.override = np.ascontiguousarray(fq(c_min, lin.w.shape[1])(lin.w).T)
             acc = 0.0
             for s in range(n_samples):
                 y = xs[i][s]
@@ -182,13 +229,13 @@ def measure_sensitivity(
                 progress(len(kl), total, f"sensitivity {name}")
     cost = {}
     for name, e in err.items():
-        e0 = e[b_min]
-        cost[name] = {b: kl[name] * (e[b] / e0 if e0 > 0 else 0.0) for b in candidate_bits}
+        e0 = e[_cheapest(candidate_bits, weights[name].shape[1], fit)]
+        cost[name] = {c: kl[name] * (e[c] / e0 if e0 > 0 else 0.0) for c in candidate_bits}
     return cost, {"kl": kl, "err": err}
 
 
 def mixed_group_quantizer(
-    bits_of: dict[str, int],
+    bits_of: dict[str, Candidate],
     fit: GroupFit,
     symmetric: bool = False,
     use_gptq: bool = True,
@@ -196,20 +243,22 @@ def mixed_group_quantizer(
     block_size: int = DEFAULT_BLOCK_SIZE,
     percdamp: float = DEFAULT_PERCDAMP,
 ) -> QuantizeGroup:
-    """quantize_group for sequential_quantize with bits per layer: the layers of a group
-    with the same bits are stacked into one GPTQ (or each rounded to nearest)."""
+    """quantize_group for sequential_quantize with a candidate (bits, group) per layer: the
+    layers of a group with the same candidate are stacked into one GPTQ (or each rounded to
+    nearest)."""
 
     def quantize_group(group: list[_CalibLinear], acc: HessianAccumulator) -> list[QTensor]:
         out: dict[str, QTensor] = {}
         k = group[0].w.shape[1]
-        for b in sorted({bits_of[l.name] for l in group}):
-            members = [l for l in group if bits_of[l.name] == b]
+        for c in sorted({bits_of[l.name] for l in group}, key=cand_label):
+            members = [l for l in group if bits_of[l.name] == c]
+            b, g = cand_bits(c), cand_group(c, k, fit)
             if use_gptq:
                 w = np.concatenate([l.w for l in members])  # rows of one input: [sum n, k]
-                qt = gptq_quantize(w, acc.hessian, b, fit(k), symmetric, act_order, block_size, percdamp)
+                qt = gptq_quantize(w, acc.hessian, b, g, symmetric, act_order, block_size, percdamp)
                 out.update(zip([l.name for l in members], split_rows(qt, [l.w.shape[0] for l in members])))
             else:
-                out.update((l.name, quantizer(b, fit(k), symmetric)(l.w)) for l in members)
+                out.update((l.name, quantizer(b, g, symmetric)(l.w)) for l in members)
         return [out[l.name] for l in group]
 
     return quantize_group
@@ -223,7 +272,7 @@ def quantize_model_mixed(
     n_samples: int = DEFAULT_N_SAMPLES,
     seq_len: int = DEFAULT_SEQ_LEN,
     *,
-    candidate_bits: tuple[int, ...] = CANDIDATE_BITS,
+    candidate_bits: tuple[Candidate, ...] = CANDIDATE_BITS,
     use_gptq: bool = True,
     sens_samples: int = DEFAULT_SENS_SAMPLES,
     sens_len: int = DEFAULT_SENS_LEN,
@@ -234,7 +283,7 @@ def quantize_model_mixed(
     n_threads: int | None = None,
     ctx: int | None = None,
     native: bool = True,
-    act_order: bool = False,
+    act_order: bool = True,
     block_size: int = DEFAULT_BLOCK_SIZE,
     percdamp: float = DEFAULT_PERCDAMP,
     seed: int = 0,
@@ -250,7 +299,7 @@ def quantize_model_mixed(
     from .. import engine
     from ..models import Transformer
 
-    if not candidate_bits or any(b not in (1, 2, 3, 4) for b in candidate_bits):
+    if not candidate_bits or any(cand_bits(c) not in (1, 2, 3, 4) for c in candidate_bits):
         raise ValueError(f"candidate bits must be among 1-4, got {candidate_bits}")
     path, args, weights, tok, meta, tokens, load_s = load_calibration(path, calib_file, n_samples, seq_len, seed)
     fit = lambda k: engine._fit_group(k, group_size)  # noqa: E731
@@ -260,7 +309,8 @@ def quantize_model_mixed(
     t0 = time.perf_counter()
     names = [f"blk.{i}.{n}.weight" for i in range(args.n_layers) for n in BLOCK_LINEARS]
     sizes = {n: int(weights[n].size) for n in names}
-    bpw = {n: {b: layer_bpw(b, fit(weights[n].shape[1]), symmetric) for b in candidate_bits} for n in names}
+    bpw = {n: {c: layer_bpw(cand_bits(c), cand_group(c, weights[n].shape[1], fit), symmetric)
+               for c in candidate_bits} for n in names}
     cost, sens = measure_sensitivity(args, weights, sens_tokens, tuple(candidate_bits), fit, symmetric, progress)
     bits_of = allocate_bits(sizes, bpw, cost, bpw_budget)
     sens_s = time.perf_counter() - t0
@@ -271,15 +321,18 @@ def quantize_model_mixed(
     del calib_model
 
     achieved = sum(sizes[n] * bpw[n][bits_of[n]] for n in names) / sum(sizes.values())
-    cfg = engine.QuantConfig(bits=max(bits_of.values()), group_size=group_size, head_bits=head_bits,
+    cfg = engine.QuantConfig(bits=max(cand_bits(c) for c in bits_of.values()), group_size=group_size, head_bits=head_bits,
                              head_group_size=head_group_size, mode=mode, symmetric=symmetric)
     lm = build_quantized_model(path, args, weights, tok, meta, qts, cfg, n_threads, ctx, native)
     lm.load_seconds = load_s
     lm.quantize_seconds = sens_s + stats["seconds"]
-    counts = {b: sum(1 for n in names if bits_of[n] == b) for b in candidate_bits}
-    stats.update(method="mixed", budget=bpw_budget, bpw=achieved, bits=bits_of, counts=counts,
+    counts = {cand_label(c) if isinstance(c, tuple) else c: sum(1 for n in names if bits_of[n] == c)
+              for c in candidate_bits}
+    stats.update(method="mixed", budget=bpw_budget, bpw=achieved, counts=counts,
+                 bits={n: cand_bits(c) for n, c in bits_of.items()},
+                 groups={n: qts[n].group_size for n in names},
                  sensitivity_seconds=sens_s, quantize_seconds=stats["seconds"], seconds=sens_s + stats["seconds"],
-                 cost=cost, kl=sens["kl"], use_gptq=use_gptq, n_samples=n_samples, seq_len=seq_len,
+                 cost={n: {cand_label(c): v for c, v in cv.items()} for n, cv in cost.items()}, kl=sens["kl"], use_gptq=use_gptq, n_samples=n_samples, seq_len=seq_len,
                  sens_samples=sens_samples, sens_len=sens_len, calib_file=calib_file)
     lm.extra.update(mixed=stats)
     return lm
