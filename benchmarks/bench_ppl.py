@@ -22,8 +22,9 @@ column shows which types the blocks really got.
 
 Config names: `luthier:f16` (the float source, --bits 16), `luthier:source` (the original
 file unconverted, --bits 16), `luthier:w{B}g{G}:{rtn|gptq|awq|awq+gptq}`,
-`luthier:tg{G}:{rtn|gptq}` (ternary), `luthier:mixed{BPW}g{G}` (bits per layer under a
-budget), `llama:{F16|Q8_0|Q6_K|Q5_K_M|Q4_K_M|Q4_0|Q3_K_S|Q2_K|IQ2_XXS|...}` (types whose
+`luthier:tg{G}:{rtn|gptq}` (ternary), `luthier:mixed{BPW}g{G}[:{CANDIDATES}]` (bits per
+layer under a budget; candidates as `ppl --mixed-bits` with + for commas, e.g.
+`luthier:mixed4.2g128:3g128+4g128+4g64+4g32`), `llama:{F16|Q8_0|Q6_K|Q5_K_M|Q4_K_M|Q4_0|Q3_K_S|Q2_K|IQ2_XXS|...}` (types whose
 name starts with IQ1/IQ2 get the imatrix; append `+imat` to any other type to give it
 one too). Finished rows are cached as one JSON each under --cache (key: model, config,
 chunks, ctx), so a rerun only computes what is missing; --force recomputes.
@@ -58,6 +59,7 @@ from ppl_report import log, machine, markdown, plot  # noqa: E402
 DEFAULT_WORK = os.path.join(os.path.expanduser("~"), ".cache", "luthier", "bench_ppl")
 
 LUTHIER_METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+MIXED_CANDIDATES = "3g128+4g128+4g64+4g32"  # bits and group sizes the allocation may pick
 LLAMA_TYPES = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_S", "Q2_K", "IQ2_XXS"]
 
 
@@ -67,6 +69,7 @@ def all_configs() -> list[str]:
         for g in (128, 64, 32):
             out += [f"luthier:w{b}g{g}:{m}" for m in LUTHIER_METHODS]
     out += ["luthier:tg64:rtn", "luthier:tg64:gptq", "luthier:mixed3.0g64", "luthier:mixed2.5g64"]
+    out += [f"luthier:mixed{b}g128:{MIXED_CANDIDATES}" for b in (3.9, 4.2, 4.5)]
     out += [f"llama:{t}" for t in LLAMA_TYPES]
     return out
 
@@ -176,9 +179,10 @@ def parse_luthier(cfg: str) -> dict:
     m = re.fullmatch(r"tg(\d+):(rtn|gptq)", body)
     if m:
         return dict(kind="q", bits="ternary", group=int(m.group(1)), method=m.group(2))
-    m = re.fullmatch(r"mixed([\d.]+)g(\d+)", body)
+    m = re.fullmatch(r"mixed([\d.]+)g(\d+)(?::([0-9g+]+))?", body)
     if m:
-        return dict(kind="mixed", budget=float(m.group(1)), group=int(m.group(2)), method="mixed")
+        return dict(kind="mixed", budget=float(m.group(1)), group=int(m.group(2)), method="mixed",
+                    candidates=(m.group(3) or "").replace("+", ","))
     raise SystemExit(f"unknown luthier config {cfg!r} (see --list)")
 
 
@@ -312,8 +316,8 @@ class Bench:
                         commands=[shlex.join(["luthier", "ppl", model, "--bits", "16"])])
         bits, group, method = c.get("bits"), c["group"], c["method"]
         label = ("ternary" if bits == "ternary" else f"W{bits}") + f" g{group} {method.upper()}" \
-            if c["kind"] == "q" else f"mixed {c['budget']} g{group}"
-        has_file = c["kind"] == "q" and method in ("rtn", "gptq") and not (bits == "ternary" and method == "gptq")
+            if c["kind"] == "q" else f"mixed {c['budget']} g{group}" + (f" ({c['candidates']})" if c["candidates"] else "")
+        has_file = c["kind"] == "q" and not (bits == "ternary" and method != "rtn")
         if has_file:
             path, qst, qcmd = self.luthier_file(bits, group, method, name)
             st = block_linear_stats(path)
@@ -333,6 +337,8 @@ class Bench:
         extra = ["--method", method, "--calib", a.calib, "--group-size", str(group)]
         if c["kind"] == "mixed":
             extra += ["--bpw-budget", str(c["budget"])]
+            if c["candidates"]:
+                extra += ["--mixed-bits", c["candidates"]]
             ref_bits = "4"
         else:
             extra += ["--bits", str(bits)]

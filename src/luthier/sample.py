@@ -121,6 +121,12 @@ class Sampler:
     def sample(self, logits: np.ndarray, previous: Iterable[int] = ()) -> int:
         """One token id. `previous`: the ids generated or prompted so far (for the penalty)."""
         if self.greedy:
+            if self.repetition_penalty == 1.0:  # no copy: argmax of the logits as they are
+                z = np.asarray(logits).reshape(-1)  # [vocab]
+                i = int(np.argmax(z))
+                if np.isnan(z[i]):  # argmax stops at the first NaN
+                    raise ValueError("logits contain NaN")
+                return i
             return int(np.argmax(self.penalize(logits, previous)))
         p = self.probs(logits, previous)
         # inverse CDF with one uniform draw: one rng call per token keeps seeded runs stable
