@@ -59,24 +59,41 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
     raise TimeoutError("server did not become ready")
 
 
+class _Stream:
+    """What one streamed completion measures: time to the first text chunk, tokens (the
+    usage chunk's count, else the text chunks), total seconds."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.ttft: float | None = None
+        self.tokens: int | None = None
+        self.chunks = 0
+
+    def data(self, payload) -> None:
+        """One SSE `data:` payload other than [DONE]."""
+        d = json.loads(payload)
+        if d.get("choices") and d["choices"][0].get("text"):
+            self.chunks += 1
+            if self.ttft is None:
+                self.ttft = time.perf_counter() - self.t0
+        if d.get("usage"):
+            self.tokens = d["usage"]["completion_tokens"]
+
+    def result(self) -> dict:
+        return {"ttft": self.ttft if self.ttft is not None else float("nan"),
+                "tokens": self.tokens if self.tokens is not None else self.chunks,
+                "seconds": time.perf_counter() - self.t0}
+
+
 def one_request(url: str, prompt: str, max_tokens: int) -> dict:
     body = _request_body(prompt, max_tokens)
-    t0 = time.perf_counter()
-    ttft, tokens, chunks = None, None, 0
+    st = _Stream()
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            d = json.loads(line[6:])
-            if d.get("choices") and d["choices"][0].get("text"):
-                chunks += 1
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
-            if d.get("usage"):
-                tokens = d["usage"]["completion_tokens"]
-    return {"ttft": ttft if ttft is not None else float("nan"), "tokens": tokens if tokens is not None else chunks,
-            "seconds": time.perf_counter() - t0}
+            if line.startswith("data: ") and line != "data: [DONE]":
+                st.data(line[6:])
+    return st.result()
 
 
 def _request_body(prompt: str, max_tokens: int) -> dict:
@@ -90,7 +107,7 @@ async def one_request_async(host: str, port: int, prompt: str, max_tokens: int) 
     import asyncio
 
     body = json.dumps(_request_body(prompt, max_tokens)).encode()
-    t0 = time.perf_counter()
+    st = _Stream()
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
@@ -100,7 +117,7 @@ async def one_request_async(host: str, port: int, prompt: str, max_tokens: int) 
     if status != 200:
         raise RuntimeError(f"HTTP {status}: {head[:200]!r}")
     chunked = b"transfer-encoding: chunked" in head.lower()
-    ttft, tokens, chunks, buf, done = None, None, 0, b"", False
+    buf, done = b"", False
     while not done:
         if chunked:  # [size in hex]\r\n[payload]\r\n ... 0\r\n\r\n
             size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
@@ -119,17 +136,10 @@ async def one_request_async(host: str, port: int, prompt: str, max_tokens: int) 
                     continue
                 if line == b"data: [DONE]":
                     done = True
-                    continue
-                d = json.loads(line[6:])
-                if d.get("choices") and d["choices"][0].get("text"):
-                    chunks += 1
-                    if ttft is None:
-                        ttft = time.perf_counter() - t0
-                if d.get("usage"):
-                    tokens = d["usage"]["completion_tokens"]
+                else:
+                    st.data(line[6:])
     writer.close()
-    return {"ttft": ttft if ttft is not None else float("nan"), "tokens": tokens if tokens is not None else chunks,
-            "seconds": time.perf_counter() - t0}
+    return st.result()
 
 
 def _summary(clients: int, results: list[dict], wall: float) -> dict:

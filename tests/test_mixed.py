@@ -90,13 +90,19 @@ def test_measured_sensitivity_on_a_constructed_model():
     assert max(bits.values()) == 4
 
 
-def test_quantize_model_mixed_builds_a_runnable_model(tmp_path, monkeypatch):
+def mixed_inputs(tmp_path, monkeypatch) -> tuple[Any, dict, Any, Any]:
+    """The constructed model as the file quantize_model_mixed reads, and a calibration text."""
     args, wts = constructed_model()
     monkeypatch.setattr(calib, "read_float_model", lambda path: (args, wts, CharTokenizer(), {}))
     model_file = tmp_path / "tiny.gguf"
     model_file.write_bytes(b"")
     calib_file = tmp_path / "calib.txt"
     calib_file.write_text("Now is the winter of our discontent made glorious summer. " * 8)
+    return args, wts, model_file, calib_file
+
+
+def test_quantize_model_mixed_builds_a_runnable_model(tmp_path, monkeypatch):
+    args, wts, model_file, calib_file = mixed_inputs(tmp_path, monkeypatch)
     lm = mixed.quantize_model_mixed(str(model_file), 3.7, 32, str(calib_file), n_samples=4, seq_len=16,
                                     sens_samples=2, sens_len=12, n_threads=1, ctx=32, head_bits=16)
     m = lm.extra["mixed"]
@@ -140,12 +146,7 @@ def test_candidates_parse_bits_and_bits_with_groups():
 def test_group_size_candidates_are_allocated_per_layer(tmp_path, monkeypatch):
     """Candidates that differ only in group size: finer groups cost more bits and are
     given to the layers that matter; each layer is built at its own group size."""
-    args, wts = constructed_model()
-    monkeypatch.setattr(calib, "read_float_model", lambda path: (args, wts, CharTokenizer(), {}))
-    model_file = tmp_path / "tiny.gguf"
-    model_file.write_bytes(b"")
-    calib_file = tmp_path / "calib.txt"
-    calib_file.write_text("Now is the winter of our discontent made glorious summer. " * 8)
+    args, wts, model_file, calib_file = mixed_inputs(tmp_path, monkeypatch)
     cands = ((3, 32), (3, 16), (3, 8))  # 4, 5, 7 bits/weight
     lm = mixed.quantize_model_mixed(str(model_file), 5.0, 32, str(calib_file), candidate_bits=cands,
                                     n_samples=4, seq_len=16, sens_samples=2, sens_len=12, n_threads=1, ctx=32,
