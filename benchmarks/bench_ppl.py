@@ -485,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=DEFAULT_WORK, help="folder for the f16 and quantized files and logs")
     p.add_argument("--cache", default=None, help="folder of finished rows, one JSON each (default WORK/rows)")
     p.add_argument("--force", action="store_true", help="recompute rows that are cached")
+    p.add_argument("--plot-max-ppl", type=float, default=None,
+                   help="leave points above this perplexity out of the chart (e.g. 150)")
     p.add_argument("--json", default=None, help="write all rows (and the run's details) to this file")
     p.add_argument("--plot", default=None, help="PNG: perplexity (log) against bits per weight")
     p.add_argument("--cached-only", action="store_true", help="report the cached rows; compute nothing")
@@ -540,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(doc, f, indent=1)
         log(f"wrote {a.json}")
     if a.plot and rows:
-        plot(rows, a.plot)
+        plot(rows, a.plot, a.plot_max_ppl)
     return 1 if failed else 0
 
 

@@ -83,7 +83,9 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], path: str, max_ppl: float | None = None) -> None:
+    """Perplexity against bits per weight, one panel per model; points above max_ppl are
+    left out (their count is in the title) so that the interesting range stays readable."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,6 +96,8 @@ def plot(rows: list[dict], path: str) -> None:
     markers = {"rtn": "o", "gptq": "s", "awq": "^", "awq+gptq": "v", "mixed": "D", "-": "o", "imatrix": "*"}
     for ax, tag in zip(axes[0], tags):
         rs = [r for r in rows if r["model"] == tag and math.isfinite(r["ppl"])]
+        hidden = [r for r in rs if max_ppl is not None and r["ppl"] > max_ppl]
+        rs = [r for r in rs if r not in hidden]
         for engine, color in (("llama", "tab:red"), ("luthier", "tab:blue")):
             pts = [r for r in rs if r["engine"] == engine and not is_float(r)]
             if not pts:
@@ -109,7 +113,7 @@ def plot(rows: list[dict], path: str) -> None:
                            marker=markers.get(m, "o"), label=lab, zorder=3)
             offsets = {"rtn": (5, 3), "gptq": (5, -10), "awq": (-60, 3), "awq+gptq": (-70, -10), "mixed": (5, 3)}
             for r in pts:
-                ax.annotate(r["label"], (r["bpw"], r["ppl"]), textcoords="offset points",
+                ax.annotate(r["label"].split(" (")[0], (r["bpw"], r["ppl"]), textcoords="offset points",
                             xytext=offsets.get(r["method"], (4, 4)), fontsize=7, color=color)
         for r in rs:
             if is_float(r):
@@ -120,7 +124,8 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_xlabel("bits per weight of the block linears (all bytes, scales included)")
         ax.set_ylabel("perplexity (WikiText-2 test, log scale)")
         c = rs[0]
-        ax.set_title(f"{tag}: {c['chunks']} chunks x {c['ctx']} tokens")
+        ax.set_title(f"{tag}: {c['chunks']} chunks x {c['ctx']} tokens"
+                     + (f" ({len(hidden)} points above PPL {max_ppl:g} not shown)" if hidden else ""))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
