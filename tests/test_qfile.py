@@ -343,6 +343,31 @@ def test_gptq_file_equals_the_in_memory_gptq_model(tiny_hf, tmp_path, one_blas_t
     np.testing.assert_array_equal(logits(a.model, tokens), logits(b.model, tokens))
 
 
+def test_mixed_file_equals_the_in_memory_mixed_model(tiny_hf, tmp_path, one_blas_thread):
+    """--method mixed: layers of different bits and group sizes in one file, computing what
+    the in-memory mixed model computes."""
+    from luthier.quant.mixed import quantize_model_mixed
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("First Citizen: Before we proceed any further, hear me speak. " * 20)
+    out = tmp_path / "tiny-mixed.gguf"
+    cands = "2g32,3g32,4g16"
+    assert cli.main(["quantize", str(tiny_hf), "--method", "mixed", "--bpw-budget", "4.0", "--mixed-bits", cands,
+                     "--group-size", "32", "--calib", str(calib), "--calib-samples", "3", "--calib-len", "24",
+                     "-o", str(out)]) == 0
+    a = load_model(out, n_threads=1, ctx=32, kv="f32")
+    b = quantize_model_mixed(str(tiny_hf), 4.0, 32, str(calib), 3, 24, candidate_bits=((2, 32), (3, 32), (4, 16)),
+                             head_bits=8, n_threads=1, ctx=32)
+    assert a.extra["method"] == "mixed"
+    kinds = {(l.packed.bits, l.packed.group_size) for l in a.extra["linears"] if hasattr(l, "packed")}
+    assert len(kinds) > 1  # the file holds layers of different bits / groups
+    tokens = b.tokenizer.encode(PROMPT)
+    np.testing.assert_array_equal(logits(a.model, tokens), logits(b.model, tokens))
+    with pytest.raises(ValueError, match="--bpw-budget"):
+        qfile.quantize_to_file(str(tiny_hf), str(tmp_path / "x.gguf"), QuantConfig(), "mixed",
+                               dict(file=str(calib), samples=3, len=24, percdamp=0.01))
+
+
 def test_awq_file_equals_the_in_memory_awq_model(tiny_hf, tmp_path, one_blas_thread):
     """AWQ folds its scales into the norms and v/up rows: the file must carry those folded
     float weights next to the codes, and then computes what the in-memory model does."""

@@ -274,7 +274,25 @@ def _gptq_linears(args, weights, tok, quant, calib: dict, progress) -> dict[str,
     return out
 
 
-METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+def _mixed_linears(path: str, weights: dict, quant: Any, calib: dict, progress) -> dict[str, Any]:
+    """Block linears with bits and group size per layer under a bits-per-weight budget
+    (quant/mixed.py), as `ppl --method mixed` does; the head by engine.make_linear."""
+    from . import engine
+    from .kernels import QLinear
+    from .quant.mixed import parse_candidates, quantize_model_mixed
+
+    lm = quantize_model_mixed(path, calib["budget"], quant.group_size, calib["file"], calib["samples"], calib["len"],
+                              candidate_bits=parse_candidates(calib.get("candidates") or "2,3,4"),
+                              head_bits=quant.head_bits, head_group_size=quant.head_group_size,
+                              symmetric=quant.symmetric, mode=quant.mode, native=False,
+                              act_order=calib.get("act_order", True), percdamp=calib["percdamp"], progress=progress)
+    out = {name: QLinear(qt, mode=quant.mode) for name, qt in lm.extra["qtensors"].items()}
+    head = "output.weight" if "output.weight" in weights else "token_embd.weight"  # tied or not
+    out[head] = engine.make_linear(weights[head], quant.head_bits, quant.head_group_size, quant, 1)
+    return out
+
+
+METHODS = ("rtn", "gptq", "awq", "awq+gptq", "mixed")
 
 
 def _rtn_linears(args: Any, weights: dict, quant: Any, progress: Progress | None) -> dict[str, Any]:
@@ -326,7 +344,9 @@ def quantize_to_file(model: str | None, out: str, quant: Any, method: str = "rtn
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if method != "rtn" and (quant.bits not in (1, 2, 3, 4, "ternary") or not (calib or {}).get("file")):
+    if method == "mixed" and not ((calib or {}).get("budget") and calib.get("file")):
+        raise ValueError("--method mixed needs --bpw-budget (average bits per weight, e.g. 4.2) and --calib FILE")
+    if method not in ("rtn", "mixed") and (quant.bits not in (1, 2, 3, 4, "ternary") or not (calib or {}).get("file")):
         raise ValueError(f"--method {method} needs --bits 1-4 or ternary (got {quant.bits}) and --calib FILE "
                          "(calibration text)")
     out = check_output(out, force)  # before the slow part
@@ -338,6 +358,8 @@ def quantize_to_file(model: str | None, out: str, quant: Any, method: str = "rtn
         args, weights, tok, meta = engine.read_float_model(path, progress)
         if method == "gptq":
             linears = _gptq_linears(args, weights, tok, quant, calib or {}, progress)
+        elif method == "mixed":
+            linears = _mixed_linears(path, weights, quant, calib or {}, progress)
         else:
             linears = _rtn_linears(args, weights, quant, progress)
     t_quant = time.perf_counter() - t0

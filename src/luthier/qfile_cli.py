@@ -41,7 +41,8 @@ def add_qfile_parsers(sub: Any) -> None:
     q.add_argument("--mode", choices=["exact", "fast"], default="fast",
                    help="LUT table mode recorded in the file (a runtime choice: --mode when running wins)")
     q.add_argument("--method", choices=list(METHODS), default="rtn",
-                   help="rtn: round to nearest; gptq, awq, awq+gptq: calibrated on --calib text")
+                   help="rtn: round to nearest; gptq, awq, awq+gptq: calibrated on --calib text; mixed: "
+                        "bits (and group size) per layer under --bpw-budget, GPTQ")
     q.add_argument("--calib", default=None, help="calibration text file (gptq, awq)")
     q.add_argument("--calib-samples", type=int, default=None, help="GPTQ calibration sequences (default 32)")
     q.add_argument("--calib-len", type=int, default=None, help="tokens per calibration sequence (default 512)")
@@ -49,6 +50,11 @@ def add_qfile_parsers(sub: Any) -> None:
                    help="GPTQ: columns in order of decreasing H_ii (default on: W4 g128 on SmolLM2, "
                         "WikiText-2 PPL 37.2 without, 34.0 with)")
     q.add_argument("--percdamp", type=float, default=None, help="GPTQ damping (default 0.01)")
+    q.add_argument("--bpw-budget", type=float, default=None,
+                   help="mixed: average bits per weight of the block linears, scales and zeros counted (e.g. 4.2)")
+    q.add_argument("--mixed-bits", default="2,3,4",
+                   help="mixed: candidates, bits at --group-size or BITSgGROUP (default 2,3,4; measured best on "
+                        "SmolLM2: 3g128,4g128,4g64,4g32)")
     q.set_defaults(fn=cmd_quantize)
     c.set_defaults(fn=cmd_convert)
 
@@ -70,7 +76,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
     cfg = QuantConfig(bits=a.bits, group_size=a.group_size, head_bits=a.head_bits, mode=a.mode, symmetric=a.symmetric)
     calib = dict(file=a.calib, samples=a.calib_samples or DEFAULT_N_SAMPLES, len=a.calib_len or DEFAULT_SEQ_LEN,
-                 act_order=a.act_order, percdamp=DEFAULT_PERCDAMP if a.percdamp is None else a.percdamp)
+                 act_order=a.act_order, percdamp=DEFAULT_PERCDAMP if a.percdamp is None else a.percdamp,
+                 budget=a.bpw_budget, candidates=a.mixed_bits)
     if a.method == "rtn" and a.calib:
         print("note: --calib is used by the calibrated methods only (gptq, awq)", file=sys.stderr)
     st = _with_progress_bar(quantize_to_file, a.model, a.output, cfg, a.method, calib, a.force)
