@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                        "--port", str(port), "--n_threads", str(a.threads), "--n_threads_batch", str(a.threads),
                        "--n_ctx", str(a.ctx), "--interrupt_requests", "False"]
                 rows += run_engine(f"llama-cpp-python {a.llama_type}", cmd, f"http://127.0.0.1:{port}", a)
-    print(f"\n| engine | clients | requests | tokens | aggregate tok/s | TTFT p50 ms | TTFT p95 ms | per-stream tok/s |")
+    print("\n| engine | clients | requests | tokens | aggregate tok/s | TTFT p50 ms | TTFT p95 ms | per-stream tok/s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['engine']} | {r['clients']} | {r['requests']} | {r['tokens']} | {r['agg_tps']:.1f} | "

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_gptq import CharTokenizer, tiny_model_weights
+from test_gptq import CharTokenizer, tiny_model_files, tiny_model_weights
 
 from luthier.models import Transformer, float_linear
 from luthier.quant import awq, quantize_rtn
@@ -165,11 +165,7 @@ def test_sequential_awq_folds_consistently(quant):
 
 def test_quantize_model_awq_builds_a_runnable_model(tmp_path, monkeypatch):
     args, wts = tiny_model_weights(1)
-    monkeypatch.setattr(calib, "read_float_model", lambda path: (args, wts, CharTokenizer(), {}))
-    model_file = tmp_path / "tiny.gguf"
-    model_file.write_bytes(b"")
-    calib_file = tmp_path / "calib.txt"
-    calib_file.write_text("Now is the winter of our discontent made glorious summer. " * 8)
+    model_file, calib_file = tiny_model_files(tmp_path, monkeypatch, args, wts)
     lm = awq.quantize_model_awq(str(model_file), 4, 16, str(calib_file), n_samples=4, seq_len=16,
                                 n_threads=1, ctx=32, head_bits=16)
     assert lm.extra["awq"]["layers"] == 14 and lm.quant.bits == 4 and lm.quantize_seconds > 0

@@ -241,13 +241,20 @@ def test_sequential_calibration_sees_quantized_predecessors():
         done.update(names)
 
 
-def test_quantize_model_gptq_builds_a_runnable_model(tmp_path, monkeypatch):
-    args, wts = tiny_model_weights(1)
+def tiny_model_files(tmp_path, monkeypatch, args, wts):
+    """(model file, calibration text file) for the model-level quantizers: the file is a
+    placeholder, read_float_model is patched to return (args, wts) with a CharTokenizer."""
     monkeypatch.setattr(calib, "read_float_model", lambda path: (args, wts, CharTokenizer(), {}))
     model_file = tmp_path / "tiny.gguf"
     model_file.write_bytes(b"")
     calib_file = tmp_path / "calib.txt"
     calib_file.write_text("Now is the winter of our discontent made glorious summer. " * 8)
+    return model_file, calib_file
+
+
+def test_quantize_model_gptq_builds_a_runnable_model(tmp_path, monkeypatch):
+    args, wts = tiny_model_weights(1)
+    model_file, calib_file = tiny_model_files(tmp_path, monkeypatch, args, wts)
     lm = calib.quantize_model_gptq(str(model_file), 3, 16, str(calib_file), n_samples=4, seq_len=16,
                                    n_threads=1, ctx=32, head_bits=16)
     assert lm.extra["gptq"]["layers"] == 14 and lm.quant.bits == 3

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_gptq import CharTokenizer, tiny_model_weights
+from test_gptq import CharTokenizer, tiny_model_files, tiny_model_weights
 
 from luthier.models import Transformer, float_linear
 from luthier.quant import calibration as calib
@@ -93,12 +93,7 @@ def test_measured_sensitivity_on_a_constructed_model():
 def mixed_inputs(tmp_path, monkeypatch) -> tuple[Any, dict, Any, Any]:
     """The constructed model as the file quantize_model_mixed reads, and a calibration text."""
     args, wts = constructed_model()
-    monkeypatch.setattr(calib, "read_float_model", lambda path: (args, wts, CharTokenizer(), {}))
-    model_file = tmp_path / "tiny.gguf"
-    model_file.write_bytes(b"")
-    calib_file = tmp_path / "calib.txt"
-    calib_file.write_text("Now is the winter of our discontent made glorious summer. " * 8)
-    return args, wts, model_file, calib_file
+    return (args, wts, *tiny_model_files(tmp_path, monkeypatch, args, wts))
 
 
 def test_quantize_model_mixed_builds_a_runnable_model(tmp_path, monkeypatch):

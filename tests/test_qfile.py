@@ -328,19 +328,31 @@ def test_quantized_file_from_hf_folder_loads_and_runs(tiny_hf, tmp_path, cfg):
         assert isinstance(head, QLinear) and head.packed.bits == 4
 
 
+def calibrated_file(tiny_hf, tmp_path, method: str, *extra: str):
+    """`luthier quantize --method METHOD` of the tiny model (group 32, 3 x 24 calibration
+    tokens): (the calibration file, the written file loaded as the in-memory quantizers
+    build their NativeModel: 1 thread, ctx 32, f32 KV)."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text("First Citizen: Before we proceed any further, hear me speak. " * 20)
+    out = tmp_path / f"tiny-{method}.gguf"
+    assert cli.main(["quantize", str(tiny_hf), "--method", method, *extra, "--group-size", "32",
+                     "--calib", str(calib), "--calib-samples", "3", "--calib-len", "24", "-o", str(out)]) == 0
+    a = load_model(out, n_threads=1, ctx=32, kv="f32")
+    assert a.extra["method"] == method
+    return calib, a
+
+
+def assert_same_logits(a, b) -> None:
+    tokens = b.tokenizer.encode(PROMPT)
+    np.testing.assert_array_equal(logits(a.model, tokens), logits(b.model, tokens))
+
+
 def test_gptq_file_equals_the_in_memory_gptq_model(tiny_hf, tmp_path, one_blas_thread):
     from luthier.quant.calibration import quantize_model_gptq
 
-    calib = tmp_path / "calib.txt"
-    calib.write_text("First Citizen: Before we proceed any further, hear me speak. " * 20)
-    out = tmp_path / "tiny-gptq.gguf"
-    assert cli.main(["quantize", str(tiny_hf), "--method", "gptq", "--bits", "2", "--group-size", "32",
-                     "--calib", str(calib), "--calib-samples", "3", "--calib-len", "24", "-o", str(out)]) == 0
-    a = load_model(out, n_threads=1, ctx=32, kv="f32")  # as quantize_model_gptq's NativeModel
+    calib, a = calibrated_file(tiny_hf, tmp_path, "gptq", "--bits", "2")
     b = quantize_model_gptq(str(tiny_hf), 2, 32, str(calib), 3, 24, head_bits=8, n_threads=1, ctx=32)
-    assert a.extra["method"] == "gptq"
-    tokens = b.tokenizer.encode(PROMPT)
-    np.testing.assert_array_equal(logits(a.model, tokens), logits(b.model, tokens))
+    assert_same_logits(a, b)
 
 
 def test_mixed_file_equals_the_in_memory_mixed_model(tiny_hf, tmp_path, one_blas_thread):
@@ -348,21 +360,12 @@ def test_mixed_file_equals_the_in_memory_mixed_model(tiny_hf, tmp_path, one_blas
     the in-memory mixed model computes."""
     from luthier.quant.mixed import quantize_model_mixed
 
-    calib = tmp_path / "calib.txt"
-    calib.write_text("First Citizen: Before we proceed any further, hear me speak. " * 20)
-    out = tmp_path / "tiny-mixed.gguf"
-    cands = "2g32,3g32,4g16"
-    assert cli.main(["quantize", str(tiny_hf), "--method", "mixed", "--bpw-budget", "4.0", "--mixed-bits", cands,
-                     "--group-size", "32", "--calib", str(calib), "--calib-samples", "3", "--calib-len", "24",
-                     "-o", str(out)]) == 0
-    a = load_model(out, n_threads=1, ctx=32, kv="f32")
+    calib, a = calibrated_file(tiny_hf, tmp_path, "mixed", "--bpw-budget", "4.0", "--mixed-bits", "2g32,3g32,4g16")
     b = quantize_model_mixed(str(tiny_hf), 4.0, 32, str(calib), 3, 24, candidate_bits=((2, 32), (3, 32), (4, 16)),
                              head_bits=8, n_threads=1, ctx=32)
-    assert a.extra["method"] == "mixed"
     kinds = {(l.packed.bits, l.packed.group_size) for l in a.extra["linears"] if hasattr(l, "packed")}
     assert len(kinds) > 1  # the file holds layers of different bits / groups
-    tokens = b.tokenizer.encode(PROMPT)
-    np.testing.assert_array_equal(logits(a.model, tokens), logits(b.model, tokens))
+    assert_same_logits(a, b)
     with pytest.raises(ValueError, match="--bpw-budget"):
         qfile.quantize_to_file(str(tiny_hf), str(tmp_path / "x.gguf"), QuantConfig(), "mixed",
                                dict(file=str(calib), samples=3, len=24, percdamp=0.01))
@@ -373,16 +376,9 @@ def test_awq_file_equals_the_in_memory_awq_model(tiny_hf, tmp_path, one_blas_thr
     float weights next to the codes, and then computes what the in-memory model does."""
     from luthier.quant.awq import quantize_model_awq
 
-    calib = tmp_path / "calib.txt"
-    calib.write_text("First Citizen: Before we proceed any further, hear me speak. " * 20)
-    out = tmp_path / "tiny-awq.gguf"
-    assert cli.main(["quantize", str(tiny_hf), "--method", "awq", "--bits", "3", "--group-size", "32",
-                     "--calib", str(calib), "--calib-samples", "3", "--calib-len", "24", "-o", str(out)]) == 0
-    a = load_model(out, n_threads=1, ctx=32, kv="f32")  # as quantize_model_awq's NativeModel
+    calib, a = calibrated_file(tiny_hf, tmp_path, "awq", "--bits", "3")
     b = quantize_model_awq(str(tiny_hf), 3, 32, str(calib), 3, 24, head_bits=8, n_threads=1, ctx=32)
-    assert a.extra["method"] == "awq"
-    tokens = b.tokenizer.encode(PROMPT)
-    np.testing.assert_array_equal(logits(a.model, tokens), logits(b.model, tokens))
+    assert_same_logits(a, b)
     # the folding is in the file: its norms differ from the source's
     src = load_model(str(tiny_hf), n_threads=1, ctx=32)
     assert not np.array_equal(a.extra["reference"].layers[0].attn_norm, src.extra["reference"].layers[0].attn_norm)

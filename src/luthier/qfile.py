@@ -274,19 +274,25 @@ def _gptq_linears(args, weights, tok, quant, calib: dict, progress) -> dict[str,
     return out
 
 
-def _mixed_linears(path: str, weights: dict, quant: Any, calib: dict, progress) -> dict[str, Any]:
+def _mixed_linears(args, weights, tok, quant, calib: dict, progress) -> dict[str, Any]:
     """Block linears with bits and group size per layer under a bits-per-weight budget
     (quant/mixed.py), as `ppl --method mixed` does; the head by engine.make_linear."""
     from . import engine
     from .kernels import QLinear
-    from .quant.mixed import parse_candidates, quantize_model_mixed
+    from .quant.calibration import calibration_tokens
+    from .quant.mixed import DEFAULT_SENS_LEN, DEFAULT_SENS_SAMPLES, mixed_model_layers, parse_candidates
 
-    lm = quantize_model_mixed(path, calib["budget"], quant.group_size, calib["file"], calib["samples"], calib["len"],
-                              candidate_bits=parse_candidates(calib.get("candidates") or "2,3,4"),
-                              head_bits=quant.head_bits, head_group_size=quant.head_group_size,
-                              symmetric=quant.symmetric, mode=quant.mode, native=False,
-                              act_order=calib.get("act_order", True), percdamp=calib["percdamp"], progress=progress)
-    out = {name: QLinear(qt, mode=quant.mode) for name, qt in lm.extra["qtensors"].items()}
+    with open(calib["file"], encoding="utf-8") as f:
+        text = f.read()
+    seed = calib.get("seed", 0)
+    tokens = calibration_tokens(tok, text, calib["samples"], calib["len"], seed)
+    sens_tokens = calibration_tokens(tok, text, DEFAULT_SENS_SAMPLES, DEFAULT_SENS_LEN, seed + 1)
+    qts, _ = mixed_model_layers(args, weights, tokens, sens_tokens, calib["budget"],
+                                lambda k: engine._fit_group(k, quant.group_size),
+                                parse_candidates(calib.get("candidates") or "2,3,4"), quant.symmetric,
+                                act_order=calib.get("act_order", True), percdamp=calib["percdamp"],
+                                progress=progress)
+    out = {name: QLinear(qt, mode=quant.mode) for name, qt in qts.items()}
     head = "output.weight" if "output.weight" in weights else "token_embd.weight"  # tied or not
     out[head] = engine.make_linear(weights[head], quant.head_bits, quant.head_group_size, quant, 1)
     return out
@@ -359,7 +365,7 @@ def quantize_to_file(model: str | None, out: str, quant: Any, method: str = "rtn
         if method == "gptq":
             linears = _gptq_linears(args, weights, tok, quant, calib or {}, progress)
         elif method == "mixed":
-            linears = _mixed_linears(path, weights, quant, calib or {}, progress)
+            linears = _mixed_linears(args, weights, tok, quant, calib or {}, progress)
         else:
             linears = _rtn_linears(args, weights, quant, progress)
     t_quant = time.perf_counter() - t0

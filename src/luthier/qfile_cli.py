@@ -43,7 +43,7 @@ def add_qfile_parsers(sub: Any) -> None:
     q.add_argument("--method", choices=list(METHODS), default="rtn",
                    help="rtn: round to nearest; gptq, awq, awq+gptq: calibrated on --calib text; mixed: "
                         "bits (and group size) per layer under --bpw-budget, GPTQ")
-    q.add_argument("--calib", default=None, help="calibration text file (gptq, awq)")
+    q.add_argument("--calib", default=None, help="calibration text file (gptq, awq, mixed)")
     q.add_argument("--calib-samples", type=int, default=None, help="GPTQ calibration sequences (default 32)")
     q.add_argument("--calib-len", type=int, default=None, help="tokens per calibration sequence (default 512)")
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
@@ -79,7 +79,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
                  act_order=a.act_order, percdamp=DEFAULT_PERCDAMP if a.percdamp is None else a.percdamp,
                  budget=a.bpw_budget, candidates=a.mixed_bits)
     if a.method == "rtn" and a.calib:
-        print("note: --calib is used by the calibrated methods only (gptq, awq)", file=sys.stderr)
+        print("note: --calib is used by the calibrated methods only (gptq, awq, mixed)", file=sys.stderr)
     st = _with_progress_bar(quantize_to_file, a.model, a.output, cfg, a.method, calib, a.force)
     print(f"wrote {st['path']}: {st['file_bytes'] / 1e6:.1f} MB; block linears {st['block_bytes'] / 1e6:.1f} MB "
           f"= {st['bits_per_weight']:.3f} bits/weight; {a.method} {st['quantize_seconds']:.1f} s, "

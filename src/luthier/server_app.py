@@ -359,13 +359,17 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return json_response(error_body("internal server error", "server_error", code="internal_error"), 500)
 
 
-async def chat_page(request: Request) -> Response:
-    """The chat page (chat_page.html): public, like llama-server's web UI; its API calls
-    carry the key the user types into it."""
+def chat_page_endpoint():
+    """GET / : the chat page (chat_page.html, read once per app), public like llama-server's
+    web UI; its API calls carry the key the user types into it."""
     from importlib.resources import files
 
     html = files("luthier").joinpath("chat_page.html").read_bytes()
-    return Response(html, 200, {"Cache-Control": "no-cache"}, media_type="text/html; charset=utf-8")
+
+    async def chat_page(request: Request) -> Response:
+        return Response(html, 200, {"Cache-Control": "no-cache"}, media_type="text/html; charset=utf-8")
+
+    return chat_page
 
 
 def make_app(lm, model_id: str | None = None, api_key: str | None = None, max_queue: int = 64,
@@ -386,7 +390,7 @@ def make_app(lm, model_id: str | None = None, api_key: str | None = None, max_qu
 
     routes = []
     for path, fn, methods in (
-        ("/", chat_page, ["GET"]),
+        ("/", chat_page_endpoint(), ["GET"]),
         ("/health", srv.health, ["GET"]),
         ("/v1/models", srv.models, ["GET"]),
         ("/v1/models/{model_id:path}", srv.models, ["GET"]),

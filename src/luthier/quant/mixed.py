@@ -297,15 +297,46 @@ def quantize_model_mixed(
     counted in the budget (head_bits as the other methods). lm.extra["mixed"]: the bits
     per layer, the achieved bits per weight, the sensitivities and the timings."""
     from .. import engine
-    from ..models import Transformer
 
-    if not candidate_bits or any(cand_bits(c) not in (1, 2, 3, 4) for c in candidate_bits):
-        raise ValueError(f"candidate bits must be among 1-4, got {candidate_bits}")
     path, args, weights, tok, meta, tokens, load_s = load_calibration(path, calib_file, n_samples, seq_len, seed)
     fit = lambda k: engine._fit_group(k, group_size)  # noqa: E731
     with open(calib_file, encoding="utf-8") as f:
         sens_tokens = calibration_tokens(tok, f.read(), sens_samples, sens_len, seed + 1)
+    qts, stats = mixed_model_layers(args, weights, tokens, sens_tokens, bpw_budget, fit, candidate_bits, symmetric,
+                                    use_gptq, act_order, block_size, percdamp, progress)
+    cfg = engine.QuantConfig(bits=max(qt.bits for qt in qts.values()), group_size=group_size, head_bits=head_bits,
+                             head_group_size=head_group_size, mode=mode, symmetric=symmetric)
+    lm = build_quantized_model(path, args, weights, tok, meta, qts, cfg, n_threads, ctx, native)
+    lm.load_seconds = load_s
+    lm.quantize_seconds = stats["seconds"]
+    stats.update(n_samples=n_samples, seq_len=seq_len, sens_samples=sens_samples, sens_len=sens_len,
+                 calib_file=calib_file)
+    lm.extra.update(mixed=stats)
+    return lm
 
+
+def mixed_model_layers(
+    args: Any,
+    weights: dict[str, np.ndarray],
+    tokens: np.ndarray,
+    sens_tokens: np.ndarray,
+    bpw_budget: float,
+    fit: GroupFit,
+    candidate_bits: tuple[Candidate, ...] = CANDIDATE_BITS,
+    symmetric: bool = False,
+    use_gptq: bool = True,
+    act_order: bool = True,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    percdamp: float = DEFAULT_PERCDAMP,
+    progress: Progress | None = None,
+) -> tuple[dict[str, QTensor], dict]:
+    """The mixed-precision QTensors of every block linear of a float model (weights): the
+    sensitivities measured on sens_tokens [N', L'], the allocation under bpw_budget, then
+    sequential GPTQ (or RTN) on tokens [N, L]. Returns ({name: QTensor}, stats)."""
+    from ..models import Transformer
+
+    if not candidate_bits or any(cand_bits(c) not in (1, 2, 3, 4) for c in candidate_bits):
+        raise ValueError(f"candidate bits must be among 1-4, got {candidate_bits}")
     t0 = time.perf_counter()
     names = [f"blk.{i}.{n}.weight" for i in range(args.n_layers) for n in BLOCK_LINEARS]
     sizes = {n: int(weights[n].size) for n in names}
@@ -321,18 +352,12 @@ def quantize_model_mixed(
     del calib_model
 
     achieved = sum(sizes[n] * bpw[n][bits_of[n]] for n in names) / sum(sizes.values())
-    cfg = engine.QuantConfig(bits=max(cand_bits(c) for c in bits_of.values()), group_size=group_size, head_bits=head_bits,
-                             head_group_size=head_group_size, mode=mode, symmetric=symmetric)
-    lm = build_quantized_model(path, args, weights, tok, meta, qts, cfg, n_threads, ctx, native)
-    lm.load_seconds = load_s
-    lm.quantize_seconds = sens_s + stats["seconds"]
     counts = {cand_label(c) if isinstance(c, tuple) else c: sum(1 for n in names if bits_of[n] == c)
               for c in candidate_bits}
     stats.update(method="mixed", budget=bpw_budget, bpw=achieved, counts=counts,
                  bits={n: cand_bits(c) for n, c in bits_of.items()},
                  groups={n: qts[n].group_size for n in names},
                  sensitivity_seconds=sens_s, quantize_seconds=stats["seconds"], seconds=sens_s + stats["seconds"],
-                 cost={n: {cand_label(c): v for c, v in cv.items()} for n, cv in cost.items()}, kl=sens["kl"], use_gptq=use_gptq, n_samples=n_samples, seq_len=seq_len,
-                 sens_samples=sens_samples, sens_len=sens_len, calib_file=calib_file)
-    lm.extra.update(mixed=stats)
-    return lm
+                 cost={n: {cand_label(c): v for c, v in cv.items()} for n, cv in cost.items()}, kl=sens["kl"],
+                 use_gptq=use_gptq)
+    return qts, stats
