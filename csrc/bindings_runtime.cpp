@@ -160,6 +160,7 @@ void bind_runtime(nb::module_& m) {
                throw std::invalid_argument("embedding shape does not match (vocab, dim)");
              self.dec->embd_f32 = e.data();
              self.dec->embd_f16 = nullptr;
+             self.dec->embd_q8 = nullptr;
              self.keep.push_back(nb::cast(e));
            }, nb::arg("embedding").noconvert())
       .def("set_embedding_f16", [](PyDecoder& self, Arr<const uint16_t, nb::ndim<2>> e) {
@@ -167,15 +168,30 @@ void bind_runtime(nb::module_& m) {
                throw std::invalid_argument("embedding shape does not match (vocab, dim)");
              self.dec->embd_f16 = e.data();
              self.dec->embd_f32 = nullptr;
+             self.dec->embd_q8 = nullptr;
              self.keep.push_back(nb::cast(e));
            }, nb::arg("embedding").noconvert())
+      .def("set_embedding_q8", [](PyDecoder& self, Arr<const int8_t, nb::ndim<2>> q,
+                                  Arr<const uint16_t, nb::ndim<2>> s) {
+             const int64_t kp = int8_kp(self.dec->cfg.dim);
+             if (int64_t(q.shape(0)) != self.dec->cfg.vocab || int64_t(q.shape(1)) != kp ||
+                 int64_t(s.shape(0)) != self.dec->cfg.vocab || int64_t(s.shape(1)) != kp / 32)
+               throw std::invalid_argument("int8 embedding must be [vocab, dim rounded up to 32] with "
+                                           "[vocab, that / 32] scales");
+             self.dec->embd_q8 = q.data();
+             self.dec->embd_q8_s = s.data();
+             self.dec->embd_f32 = nullptr;
+             self.dec->embd_f16 = nullptr;
+             self.keep.push_back(nb::cast(q));
+             self.keep.push_back(nb::cast(s));
+           }, nb::arg("q").noconvert(), nb::arg("scale").noconvert())
       .def("check", [](PyDecoder& self) {
              // every required weight set before the first forward: a clear error, not a crash
              Decoder& d = *self.dec;
              auto need = [](bool ok, const std::string& what) {
                if (!ok) throw std::invalid_argument("decoder is missing " + what);
              };
-             need(d.embd_f32 || d.embd_f16, "the embedding");
+             need(d.embd_f32 || d.embd_f16 || d.embd_q8, "the embedding");
              need(d.out_norm, "the output norm");
              need(d.head.is_lut || d.head.f || d.head.q8, "the output head");
              for (size_t i = 0; i < d.layers.size(); ++i) {

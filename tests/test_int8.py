@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from luthier import _core, kernels
-from luthier.engine import Int8Linear
+from luthier.engine import Int8Linear, Int8Rows
 
 ISAS = kernels.available_isas()
 # int8 activations per block of 32: error relative to sum |x| |w| per output
@@ -79,3 +79,23 @@ def test_int8_rows_of_a_batch_equal_solo(n, k, m):
             yi = np.empty((1, n), np.float32)
             _core.int8_linear(lin.q, lin.scale, k, np.ascontiguousarray(x[i : i + 1]), yi, None, 1e-6, 1, isa)
             np.testing.assert_array_equal(y[i], yi[0], err_msg=f"{isa} token {i}")
+
+
+def test_int8_rows_dequantize_only_the_rows_asked_for():
+    """Int8Rows (8-bit token embeddings): indexing with ids of any shape gives the
+    dequantized rows, within half a quantization step of the float table."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((50, 40)).astype(np.float32)  # dim 40: padded to 64 inside
+    rows = Int8Rows.from_float(w)
+    assert rows.shape == (50, 40) and rows.q.shape == (50, 64) and rows.scale.shape == (50, 2)
+    ids = np.array([[3, 7, 7], [49, 0, 12]])
+    got = rows[ids]
+    assert got.shape == (2, 3, 40) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, rows.dequantize()[ids])
+    np.testing.assert_array_equal(rows.dequantize(), Int8Linear(w).dequantize())  # the head's grid
+    step = rows.scale.view(np.float16).astype(np.float32).repeat(32, 1)[:, :40]  # [50, blocks] -> [50, 40]
+    assert np.all(np.abs(rows.dequantize() - w) <= 0.5 * step * (1 + 1e-3))
+    with pytest.raises(ValueError, match="do not fit dim"):
+        Int8Rows(rows.q, rows.scale, 70)
+    with pytest.raises(ValueError, match="do not fit dim"):
+        Int8Rows(rows.q.astype(np.int16), rows.scale, 40)

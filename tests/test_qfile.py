@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from luthier import cli, qfile
-from luthier.engine import FloatLinear, Int8Linear, QuantConfig, load_model
+from luthier.engine import FloatLinear, Int8Linear, Int8Rows, QuantConfig, load_model
 from luthier.kernels import QLinear
 from luthier.loaders.bundled import smollm2_path
 from luthier.loaders.gguf import GGUFFile
@@ -120,6 +120,14 @@ def test_calibrated_method_without_calibration_text_is_refused_before_writing(tm
     out = tmp_path / "g.gguf"
     assert cli.main(["quantize", str(SMOLLM2), "--method", method, "-o", str(out)]) == 1
     assert "--calib" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("value", ["7", "4", "x"])
+def test_embd_bits_other_than_8_or_16_is_a_usage_error(tmp_path, capsys, value):
+    out = tmp_path / "e.gguf"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["quantize", "--embd-bits", value, "-o", str(out)])
+    assert e.value.code == 2 and "--embd-bits" in capsys.readouterr().err and not out.exists()
 
 
 def _failing_writes(monkeypatch, exc: BaseException, after: int = 3) -> None:
@@ -382,3 +390,39 @@ def test_awq_file_equals_the_in_memory_awq_model(tiny_hf, tmp_path, one_blas_thr
     # the folding is in the file: its norms differ from the source's
     src = load_model(str(tiny_hf), n_threads=1, ctx=32)
     assert not np.array_equal(a.extra["reference"].layers[0].attn_norm, src.extra["reference"].layers[0].attn_norm)
+
+
+def test_tied_int8_head_is_the_embedding_table(qpath, in_memory, from_file):
+    """8-bit embeddings (the default): a tied model with an int8 head keeps ONE table, the
+    head's, in memory and in the file (as llama.cpp's files do), and no float copy."""
+    for lm in (in_memory, from_file):
+        ref = lm.extra["reference"]
+        assert isinstance(ref.tok_embd, Int8Rows) and isinstance(ref.output, Int8Linear)
+        assert np.shares_memory(ref.tok_embd.q, ref.output.q)
+    f = GGUFFile(qpath)
+    assert f.metadata["luthier.embd_bits"] == "8"
+    assert "token_embd.weight" not in f.tensors and "token_embd.weight.q8" in f.tensors
+    assert qfile.load_quantized(qpath).quant.embd_bits == 8
+
+
+@pytest.mark.parametrize("head_bits", [8, 4])
+def test_embd_bits_16_keeps_the_float_table_and_8_is_smaller(tiny_hf, tmp_path, head_bits):
+    """--embd-bits 16 stores the source table as it is; 8 stores int8 rows (their own
+    pair when the tied head is not int8). Each file computes what its in-memory model does."""
+    sizes = {}
+    for e in (16, 8):
+        cfg = QuantConfig(bits=4, group_size=16, head_bits=head_bits, embd_bits=e)
+        out = tmp_path / f"e{e}.gguf"
+        qfile.quantize_to_file(str(tiny_hf), str(out), cfg)
+        sizes[e] = out.stat().st_size
+        a, b = load_model(out, n_threads=1, ctx=32), load_model(tiny_hf, cfg, n_threads=1, ctx=32)
+        emb = a.extra["reference"].tok_embd
+        assert isinstance(emb, Int8Rows) == (e == 8) and a.quant.embd_bits == e
+        tokens = b.tokenizer.encode(PROMPT)
+        np.testing.assert_array_equal(logits(a.model, tokens), logits(b.model, tokens))
+        names = GGUFFile(out).tensors
+        assert ("token_embd.weight" in names) == (e == 16)
+        assert ("token_embd.weight.q8" in names) == (e == 8 or head_bits == 8)
+    vocab, dim = 49152, 32
+    saved = 2.0 if head_bits == 8 else 2.0 - 1.0625  # bytes per weight: at least f16 minus int8 rows
+    assert sizes[16] - sizes[8] >= vocab * dim * saved * 0.9

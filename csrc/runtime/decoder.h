@@ -64,7 +64,9 @@ class Decoder {
   DecoderConfig cfg;
   std::vector<LayerWeights> layers;
   const float* embd_f32 = nullptr;     // [vocab, dim], or
-  const uint16_t* embd_f16 = nullptr;  // fp16 [vocab, dim]
+  const uint16_t* embd_f16 = nullptr;  // fp16 [vocab, dim], or
+  const int8_t* embd_q8 = nullptr;     // int8 [vocab, kp] (kp = dim rounded up to 32) with
+  const uint16_t* embd_q8_s = nullptr; // fp16 scales [vocab, kp / 32]: a tied int8 head's own
   const float* out_norm = nullptr;
   Linear head;
   int n_threads;

@@ -26,13 +26,14 @@ def _usage(stats) -> dict:
 class Llama:
     """A quantized model ready to generate. Arguments follow llama-cpp-python where they
     overlap (model_path, n_ctx, n_threads, seed, verbose); bits / group_size / head_bits /
-    mode choose luthier's quantization of the linear layers."""
+    embd_bits (8 or 16; default 16 with a float head, else 8) / mode choose luthier's quantization of the linear layers."""
 
     def __init__(self, model_path: str | None = None, *, bits: int | str = 4, group_size: int = 128,
-                 head_bits: int | str = 8, mode: str = "fast", n_ctx: int | None = None,
+                 head_bits: int | str = 8, embd_bits: int | None = None, mode: str = "fast",
+                 n_ctx: int | None = None,
                  n_threads: int | None = None, seed: int | None = None, verbose: bool = False):
         cfg = QuantConfig(bits=parse_bits(bits), group_size=group_size, head_bits=parse_bits(head_bits),
-                          mode=mode)
+                          embd_bits=embd_bits, mode=mode)
         self._lm = load_model(model_path, cfg, n_threads, n_ctx)
         self.model_path = self._lm.path
         self.seed = seed

@@ -31,13 +31,16 @@ def _progress_bar():
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from .engine import parse_bits
+    from .engine import parse_bits, parse_embd_bits
 
     p.add_argument("--bits", type=parse_bits, default=4,
                    help="linear layer bits: 1, 2, 3, 4, ternary (LUT kernels), 8 or 16 (float)")
     p.add_argument("--group-size", type=int, default=128, help="weights per scale along k")
     p.add_argument("--head-bits", type=parse_bits, default=8,
                    help="output head bits (8: int8 kernel; 1-4: LUT; 16: float)")
+    p.add_argument("--embd-bits", type=parse_embd_bits, default=None,
+                   help="token embedding bits: 8 (int8 rows; a tied int8 head's own table, stored "
+                        "once) or 16 (as the source stores it); default 16 with --head-bits 16, else 8")
     p.add_argument("--symmetric", action="store_true", help="no zero points")
     p.add_argument("--mode", choices=["exact", "fast"], default="fast",
                    help="LUT tables: fast = int8 tables of float activations (default), "
@@ -63,7 +66,7 @@ def _load(a, n_seq: int = 1):
     from .engine import QuantConfig, load_model
 
     cfg = QuantConfig(bits=a.bits, group_size=a.group_size, head_bits=a.head_bits,
-                      mode=a.mode, symmetric=a.symmetric)
+                      embd_bits=getattr(a, "embd_bits", None), mode=a.mode, symmetric=a.symmetric)
     cb, close = _progress_bar()
     try:
         lm = load_model(a.model, cfg, a.threads, a.ctx, progress=cb, n_seq=n_seq, kv=a.kv_cache)

@@ -28,14 +28,29 @@ def parse_bits(value: str | int) -> Bits:
     raise ValueError(f"bits must be one of 1, 2, 3, 4, ternary, 8, 16; got {value!r}")
 
 
+def parse_embd_bits(value: str | int) -> int:
+    """Token embedding bits: 8 or 16; anything else is a clear error."""
+    if str(value).strip() not in ("8", "16"):
+        raise ValueError(f"embedding bits must be 8 or 16, got {value!r}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     bits: Bits = 4
     group_size: int = 128
-    head_bits: Bits = 8  # embeddings/head: int8 kernel; 1-4 bits use the LUT kernels
+    head_bits: Bits = 8  # output head: int8 kernel; 1-4 bits use the LUT kernels; 16 float
     head_group_size: int = 32
+    embd_bits: Bits | None = None  # token embeddings: 8 (int8 rows) or 16 (as stored); None: 16
+    # with a float head (--head-bits 16), else 8
     mode: str = "fast"  # LUT tables: measured more accurate than "exact" on SmolLM2 (README)
     symmetric: bool = False
+
+    @property
+    def embedding_bits(self) -> Bits:
+        if self.embd_bits is not None:
+            return self.embd_bits
+        return 16 if self.head_bits == 16 else 8
 
 
 def _fit_group(k: int, group_size: int) -> int:
@@ -61,6 +76,68 @@ class FloatLinear:
         return np.asarray(x, np.float32) @ self.wt
 
 
+def quantize_q8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """w float [n, k] -> (int8 codes [n, kp], fp16 scale bits uint16 [n, kp / 32]), kp = k
+    rounded up to 32 (zero padded): symmetric, one scale per block of 32, like Q8_0."""
+    w = np.asarray(w, np.float32)
+    n, k = w.shape
+    kp = -(-k // 32) * 32
+    wp = np.zeros((n, kp), np.float32)
+    wp[:, :k] = w
+    wb = wp.reshape(n, kp // 32, 32)  # [n, kp] -> [n, blocks, 32]
+    s = (np.abs(wb).max(-1) / 127.0).astype(np.float16)
+    s = np.where(s > 0, s, np.float16(1.0)).astype(np.float16)  # codes against fp16 scales
+    q = np.clip(np.rint(wb / s.astype(np.float32)[..., None]), -127, 127).astype(np.int8)
+    return np.ascontiguousarray(q.reshape(n, kp)), s.view(np.uint16)  # [n, blocks, 32] -> [n, kp]
+
+
+class Int8Rows:
+    """Token embeddings as int8 rows with a fp16 scale per block of 32 (quantize_q8's
+    layout): indexing dequantizes only the rows asked for. A tied model with an int8 head
+    shares the head's arrays, so the file and the memory hold one table, as llama.cpp's."""
+
+    ndim = 2
+    dtype = np.dtype(np.float32)  # what indexing returns
+
+    def __init__(self, q: np.ndarray, scale: np.ndarray, dim: int):
+        vocab, kp = q.shape
+        if q.dtype != np.int8 or kp != -(-dim // 32) * 32 or scale.shape != (vocab, kp // 32):
+            raise ValueError(f"int8 embedding: codes {q.dtype}{list(q.shape)} and scales "
+                             f"{list(scale.shape)} do not fit dim {dim}")
+        self.q, self.scale, self.dim = q, scale, int(dim)
+        self.shape = (int(vocab), int(dim))
+        self.nbytes = q.nbytes + scale.nbytes
+
+    @classmethod
+    def from_float(cls, w: np.ndarray) -> "Int8Rows":
+        q, s = quantize_q8(w)
+        return cls(q, s, w.shape[1])
+
+    def __getitem__(self, tokens) -> np.ndarray:
+        """float32 rows [*tokens.shape, dim] of integer token ids of any shape."""
+        q = self.q[tokens]  # [..., kp]
+        s = self.scale[tokens].view(np.float16).astype(np.float32)  # [..., kp / 32]
+        x = q.reshape(*q.shape[:-1], -1, 32) * s[..., None]  # [..., kp] -> [..., blocks, 32]
+        return x.reshape(*q.shape[:-1], -1)[..., : self.dim]  # [..., blocks, 32] -> [..., dim]
+
+    def dequantize(self) -> np.ndarray:
+        return self[np.arange(self.shape[0])]
+
+
+def set_embedding(model: Any, embd_bits: Bits) -> None:
+    """Give a built Transformer its embedding table in `embd_bits` (8 or 16): 8 takes a tied
+    int8 head's arrays (no second table) or quantizes the float table; 16 keeps it."""
+    if embd_bits not in FLOAT_BITS:
+        raise ValueError(f"embedding bits must be 8 or 16, got {embd_bits!r}")
+    if embd_bits == 16 or isinstance(model.tok_embd, Int8Rows):
+        return
+    head = model.output
+    if model.head_tied and isinstance(head, Int8Linear):
+        model.tok_embd = Int8Rows(head.q, head.scale, model.args.dim)
+    else:
+        model.tok_embd = Int8Rows.from_float(model.tok_embd)
+
+
 class Int8Linear:
     """8-bit weights (a symmetric fp16 scale per block of 32, like Q8_0) times int8
     activations (per block of 32), by the native int8 kernel (csrc/int8_gemm.h): the
@@ -69,19 +146,9 @@ class Int8Linear:
     def __init__(self, w: np.ndarray, n_threads: int = 1):
         from . import _core
 
-        w = np.asarray(w, np.float32)
-        n, k = w.shape
-        kp = -(-k // 32) * 32
-        wp = np.zeros((n, kp), np.float32)
-        wp[:, :k] = w
-        wb = wp.reshape(n, kp // 32, 32)  # [n, kp] -> [n, blocks, 32]
-        s = (np.abs(wb).max(-1) / 127.0).astype(np.float16)
-        s = np.where(s > 0, s, np.float16(1.0)).astype(np.float16)  # codes against fp16 scales
-        q = np.clip(np.rint(wb / s.astype(np.float32)[..., None]), -127, 127).astype(np.int8)
-        self.q = np.ascontiguousarray(q.reshape(n, kp))  # [n, blocks, 32] -> [n, kp]
-        self.scale = s.view(np.uint16)  # fp16 bits [n, kp / 32]
-        self.k, self.n_threads = k, n_threads
-        self.nbytes = q.nbytes + s.nbytes
+        self.q, self.scale = quantize_q8(w)  # int8 [n, kp], fp16 bits [n, kp / 32]
+        self.k, self.n_threads = int(np.shape(w)[1]), n_threads
+        self.nbytes = self.q.nbytes + self.scale.nbytes
         self._core = _core
 
     def dequantize(self) -> np.ndarray:
@@ -258,6 +325,7 @@ def _build(path, args, weights, tok, meta, quant, n_threads, progress, ctx, nati
         return lin
 
     model = Transformer(args, weights, factory)
+    set_embedding(model, quant.embedding_bits)
     n_ctx = int(ctx or min(args.max_seq_len or DEFAULT_CTX, DEFAULT_CTX))
     if n_ctx <= 0:
         raise ValueError(f"ctx must be positive, got {n_ctx}")

@@ -74,7 +74,9 @@ class NativeModel:
             neox=a.rope_style == "neox", gelu=a.activation == "gelu_tanh", mode=mode,
             n_threads=int(n_threads), n_seq=int(n_seq), kv=kv)
         emb = model.tok_embd
-        if emb.dtype == np.float16:
+        if hasattr(emb, "q") and hasattr(emb, "scale"):  # engine.Int8Rows
+            dec.set_embedding_q8(emb.q, emb.scale)
+        elif emb.dtype == np.float16:
             dec.set_embedding_f16(np.ascontiguousarray(emb).view(np.uint16))
         else:
             dec.set_embedding_f32(np.ascontiguousarray(emb, dtype=np.float32))

@@ -1,4 +1,5 @@
-"""Quantized model files (`luthier quantize`) and float GGUF export (`luthier convert`).
+"""Quantized model files (`luthier quantize`); the GGUF writing underneath, and float GGUF
+export (`luthier convert`), are in gguf_write.py.
 
 A luthier file is a GGUF container that loads without repacking or requantizing: the
 packed arrays lie in the file as `kernels.PackedWeight` holds them, and loading hands
@@ -14,25 +15,38 @@ read-only views of the memory map straight to the kernels and the native decoder
                        F16 [scale_count] (absent if symmetric): PackedWeight's w, s, z bytes
               "int8":  NAME.q8 I8 [n, kp] (kp = k rounded up to 32), NAME.q8_s F16 [n, kp / 32]
               "float": NAME.f32 F32 [n, k] (--bits 16)
-              norms, embeddings, biases: their GGUF names, F32, or F16 where that is exact, so
-              the loaded model computes bit for bit what the in-memory quantized one does.
+              embeddings at 8 bits (luthier.embd_bits "8"): token_embd.weight.q8 /
+                       .q8_s as "int8"; a tied int8 head IS that pair (stored once)
+              norms, biases, float embeddings: their GGUF names, F32, or F16 where that is
+              exact, so the loaded model computes bit for bit what the in-memory one does.
 
 Writes are atomic (`atomic_output`): a temp file beside OUT, fsync, rename.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
-import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
+
+from .gguf_write import (
+    Progress,
+    WriteError,
+    _kv,
+    _Tensor,
+    _write_gguf,
+    atomic_output,
+    check_output,
+    convert_to_file,
+)
+
+__all__ = ["ALIGNMENT", "FORMAT_KEY", "FORMAT_VERSION", "METHODS", "WriteError", "atomic_output",
+           "check_output", "convert_to_file", "is_luthier_file", "load_quantized", "quantize_to_file",
+           "write_quantized"]
 
 FORMAT_KEY = "luthier.format_version"
 FORMAT_VERSION = 1
@@ -45,122 +59,6 @@ HF_FILES = {  # luthier.hf.<key> -> file of a Hugging Face folder kept in the qu
 # source keys not copied: the writer sets them, or they describe the source's tensor types
 _SKIP_KEYS = ("general.architecture", "general.alignment", "general.file_type",
               "general.quantization_version")
-F32, F16 = 0, 1  # general.file_type values (llama_ftype)
-
-Progress = Callable[[int, int, str], None]
-
-
-class WriteError(OSError):
-    """A model file could not be written; str() is the whole message."""
-
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-
-# ----------------------------------------------------------------------------- writing
-
-
-@dataclass
-class _Tensor:
-    name: str
-    shape: tuple[int, ...]  # numpy order
-    dtype: Any  # np.float32 | np.float16 | np.int8: the GGML type F32 / F16 / I8
-    make: Callable[[], np.ndarray]  # the data, produced when it is written (keeps memory low)
-
-
-def _io_message(e: OSError, out: str) -> str:
-    known = {errno.ENOSPC: "no space left on device writing", errno.EACCES: "permission denied writing",
-             errno.EPERM: "permission denied writing", errno.EROFS: "read-only file system: cannot write"}
-    return f"{known[e.errno]} {out}" if e.errno in known else f"cannot write {out}: {e.strerror or e}"
-
-
-def check_output(out: str, force: bool) -> str:
-    """The absolute output path; a clear error when it exists (without force) or its
-    directory does not. Checked before any slow work."""
-    out = os.path.abspath(os.fspath(out))
-    if os.path.isdir(out):
-        raise IsADirectoryError(f"output {out} is a directory")
-    if os.path.lexists(out) and not force:
-        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
-    if not os.path.isdir(os.path.dirname(out)):
-        raise FileNotFoundError(f"output directory {os.path.dirname(out)} does not exist")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_output(out: str, force: bool = False) -> Iterator[str]:
-    """Yields a temp path beside `out`; on success renames it to `out` (after the caller
-    fsynced it). On any failure, KeyboardInterrupt included, the temp file is removed and
-    `out` is untouched; OS errors become a WriteError with a plain message."""
-    out = check_output(out, force)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    try:
-        yield tmp
-        os.replace(tmp, out)
-        with contextlib.suppress(OSError):  # make the rename durable; not every fs allows it
-            fd = os.open(os.path.dirname(out), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and not isinstance(e, WriteError):
-            raise WriteError(e.errno, _io_message(e, out)) from e
-        raise
-
-
-def _kv(key: str, value: Any, types: tuple[int, ...]):
-    """A (key, value, type, sub type) for GGUFWriter from GGUFFile's value and type ids;
-    None for an empty array (gguf's writer refuses those)."""
-    from gguf import GGUFValueType as VT
-
-    def enc(s: str) -> bytes:  # the reader kept invalid UTF-8 as surrogates
-        return s.encode("utf-8", "surrogateescape")
-
-    if types[0] == VT.ARRAY:
-        if len(value) == 0:
-            return None
-        sub = VT(types[1])
-        items = [enc(s) for s in value] if sub == VT.STRING else np.asarray(value).tolist()
-        return key, items, VT.ARRAY, sub
-    if types[0] == VT.STRING:
-        return key, enc(value), VT.STRING, None
-    return key, value, VT(types[0]), None
-
-
-def _write_gguf(path: str, arch: str, kvs: list, tensors: list[_Tensor], alignment: int,
-                progress: Progress | None, first_key: str | None = None) -> None:
-    """One GGUF file at `path` (a fresh temp path): KV pairs, tensor infos, data; fsynced."""
-    import gguf
-
-    w = gguf.GGUFWriter(path, arch)
-    try:
-        if alignment != gguf.GGUF_DEFAULT_ALIGNMENT:
-            w.add_custom_alignment(alignment)
-        for key, value, vtype, sub in kvs:
-            w.add_key_value(key, value, vtype, sub)
-        if first_key is not None:  # move it to the front: detection reads only the first key
-            kv = w.kv_data[0]
-            first = kv.pop(first_key)
-            w.kv_data[0] = {first_key: first, **kv}
-        for t in tensors:
-            w.add_tensor_info(t.name, t.shape, np.dtype(t.dtype), math.prod(t.shape) * np.dtype(t.dtype).itemsize)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for i, t in enumerate(tensors):
-            a = np.ascontiguousarray(t.make())
-            if a.dtype != np.dtype(t.dtype) or a.shape != t.shape:
-                raise AssertionError(f"{t.name}: produced {a.dtype}{a.shape}, declared {t.shape}")
-            w.write_tensor_data(a)
-            if progress:
-                progress(i + 1, len(tensors), f"writing {t.name}")
-        w.flush()
-        os.fsync(w.fout[0].fileno())
-    finally:
-        w.close()
 
 
 def _float_tensor(name: str, a: np.ndarray) -> _Tensor:
@@ -231,17 +129,31 @@ def write_quantized(out: str, src_path: str, args: Any, meta: dict, floats: dict
     """Write a luthier file: `floats` (GGUF name -> array, everything that is not a linear
     layer), `linears` (name the model's linear factory was called with -> QLinear /
     Int8Linear / FloatLinear), `info` (bits, group_size, head_bits, head_group_size,
-    method, mode, symmetric). Refuses an existing `out` unless force."""
+    embd_bits (8: token_embd as int8 rows), method, mode, symmetric). Refuses an existing
+    `out` unless force."""
     from gguf import GGUFValueType as VT
 
-    tensors = [_float_tensor(n, a) for n, a in floats.items()]
+    from .engine import Int8Linear
+
+    tensors: list[_Tensor] = []
     specs = {}
     for name, lin in linears.items():
         specs[name], ts = _linear_tensors(name, lin)
         tensors += ts
     typed = dict(bits=(str, VT.STRING), group_size=(int, VT.UINT32), head_bits=(str, VT.STRING),
-                 head_group_size=(int, VT.UINT32), method=(str, VT.STRING), mode=(str, VT.STRING),
-                 symmetric=(bool, VT.BOOL))
+                 head_group_size=(int, VT.UINT32), embd_bits=(str, VT.STRING), method=(str, VT.STRING),
+                 mode=(str, VT.STRING), symmetric=(bool, VT.BOOL))
+    emb = floats.get("token_embd.weight")
+    if info["embd_bits"] == 8 and emb is not None:  # int8 rows, unless a tied int8 head holds them
+        floats = {n: a for n, a in floats.items() if n != "token_embd.weight"}
+        if not isinstance(linears.get("token_embd.weight"), Int8Linear):
+            from .engine import Int8Rows
+
+            rows = emb if isinstance(emb, Int8Rows) else Int8Rows.from_float(emb)
+            tensors.append(_Tensor("token_embd.weight.q8", rows.q.shape, np.int8, lambda: rows.q))
+            tensors.append(_Tensor("token_embd.weight.q8_s", rows.scale.shape, np.float16,
+                                   lambda: rows.scale.view(np.float16)))
+    tensors = [_float_tensor(n, a) for n, a in floats.items()] + tensors
     kvs = [(FORMAT_KEY, FORMAT_VERSION, VT.UINT32, None)]
     kvs += [(f"luthier.{k}", conv(info[k]), vt, None) for k, (conv, vt) in typed.items()]
     kvs.append(("luthier.linears", json.dumps(specs), VT.STRING, None))
@@ -371,8 +283,8 @@ def quantize_to_file(model: str | None, out: str, quant: Any, method: str = "rtn
     t_quant = time.perf_counter() - t0
     floats = {n: w for n, w in weights.items() if n not in linears or n == "token_embd.weight"}
     info = dict(bits=quant.bits, group_size=quant.group_size, head_bits=quant.head_bits,
-                head_group_size=quant.head_group_size, method=method, mode=quant.mode,
-                symmetric=quant.symmetric)
+                head_group_size=quant.head_group_size, embd_bits=quant.embedding_bits, method=method,
+                mode=quant.mode, symmetric=quant.symmetric)
     write_quantized(out, path, args, meta, floats, linears, info, force, progress)
     block = [(l, weights[n].size) for n, l in linears.items() if n.startswith("blk.")]
     qbytes = sum(l.packed.nbytes if hasattr(l, "packed") else l.nbytes for l, _ in block)
@@ -486,8 +398,12 @@ def load_quantized(path: str, quant: Any = None, n_threads: int | None = None, c
     try:
         specs = json.loads(meta["luthier.linears"])
         bits, head_bits = engine.parse_bits(meta["luthier.bits"]), engine.parse_bits(meta["luthier.head_bits"])
+        # files written before 8-bit embeddings have no embd_bits: their table is float
+        embd_bits = engine.parse_bits(meta.get("luthier.embd_bits", "16"))
+        if embd_bits not in engine.FLOAT_BITS:
+            raise ValueError(f"luthier.embd_bits {embd_bits}")
         cfg = engine.QuantConfig(bits=bits, group_size=int(meta["luthier.group_size"]), head_bits=head_bits,
-                                 head_group_size=int(meta["luthier.head_group_size"]),
+                                 head_group_size=int(meta["luthier.head_group_size"]), embd_bits=embd_bits,
                                  mode=quant.mode if quant is not None else engine.QuantConfig().mode,
                                  symmetric=bool(meta["luthier.symmetric"]))
         if not isinstance(specs, dict):
@@ -496,7 +412,18 @@ def load_quantized(path: str, quant: Any = None, n_threads: int | None = None, c
         raise ValueError(f"{path}: corrupt luthier file: {e}") from None
     args, tok = _args_and_tokenizer(meta)
     linears = {name: _build_linear(f, name, spec, cfg.mode, n_threads) for name, spec in specs.items()}
-    parts = {name + suffix for name in specs for suffix in (".lut_w", ".lut_s", ".lut_z", ".q8", ".q8_s", ".f32")}
+    rows = None
+    if cfg.embd_bits == 8:  # the int8 table: a tied int8 head's pair, or its own
+        e = "token_embd.weight"
+        if e + ".q8" not in f.tensors:
+            raise ValueError(f"{path}: corrupt luthier file: {e}.q8 (the int8 embedding) is missing")
+        vocab, kp = f.tensors[e + ".q8"].shape
+        if kp != -(-args.dim // 32) * 32:
+            raise ValueError(f"{path}: corrupt luthier file: {e}.q8 is [{vocab}, {kp}], model dim {args.dim}")
+        rows = engine.Int8Rows(_view(f, e + ".q8", "I8", (vocab, kp)).view(np.int8),
+                               _view(f, e + ".q8_s", "F16", (vocab, kp // 32)), args.dim)
+    parts = {name + suffix for name in [*specs, "token_embd.weight"]
+             for suffix in (".lut_w", ".lut_s", ".lut_z", ".q8", ".q8_s", ".f32")}
     weights: dict[str, np.ndarray] = {}
     for name, info in f.tensors.items():  # the float tensors: F16 or F32 (_view checks)
         if name not in parts:
@@ -504,6 +431,8 @@ def load_quantized(path: str, quant: Any = None, n_threads: int | None = None, c
             weights[name] = a.view(np.float16) if info.type_name == "F16" else a
     for name, spec in specs.items():  # Transformer checks linear shapes: a zero-byte stand-in
         weights.setdefault(name, np.broadcast_to(np.float32(0), (int(spec["n"]), int(spec["k"]))))
+    if rows is not None:
+        weights.setdefault("token_embd.weight", np.broadcast_to(np.float32(0), rows.shape))
 
     def factory(name: str, w: np.ndarray):
         if name not in linears:
@@ -511,6 +440,8 @@ def load_quantized(path: str, quant: Any = None, n_threads: int | None = None, c
         return linears[name]
 
     model = Transformer(args, weights, factory)
+    if rows is not None:
+        model.tok_embd = rows
     n_ctx = int(ctx or min(args.max_seq_len or engine.DEFAULT_CTX, engine.DEFAULT_CTX))
     if n_ctx <= 0:
         raise ValueError(f"ctx must be positive, got {n_ctx}")
@@ -525,45 +456,3 @@ def load_quantized(path: str, quant: Any = None, n_threads: int | None = None, c
     lm.extra.update(linears=list(linears.values()), ctx=n_ctx, reference=model, qfile=f,
                     method=meta.get("luthier.method"))
     return lm
-
-
-# ----------------------------------------------------------------------------- convert
-
-
-def convert_to_file(model: str | None, out: str, to: str = "f16", force: bool = False,
-                    progress: Progress | None = None) -> dict[str, Any]:
-    """Write MODEL (a GGUF file) as a float GGUF llama.cpp reads: the source's KV pairs
-    (general.file_type set to 0 for f32, 1 for f16), every tensor dequantized, in f16 (2-D
-    and larger) or f32 (1-D tensors always, as llama.cpp's converter keeps norms)."""
-    from gguf import GGUFValueType as VT
-
-    from . import engine
-    from .loaders.gguf import GGUFFile
-
-    if to not in ("f16", "f32"):
-        raise ValueError(f"--to must be f16 or f32, got {to!r}")
-    out = check_output(out, force)
-    path = engine.resolve_model_path(model)
-    if os.path.isdir(path):
-        raise ValueError(f"{path}: convert reads GGUF files only; a Hugging Face folder needs "
-                         "llama.cpp's own convert_hf_to_gguf.py (its tokenizer metadata)")
-    t0 = time.perf_counter()
-    f = GGUFFile(path)
-    try:
-        if FORMAT_KEY in f.metadata:
-            raise ValueError(f"{path} is a luthier quantized file; convert the float model it was made from")
-        skip = ("general.architecture", "general.alignment", "general.file_type")  # set by the writer
-        kvs = [kv for key, v in f.metadata.items() if key not in skip and (kv := _kv(key, v, f.metadata_types[key]))]
-        kvs.append(("general.file_type", F32 if to == "f32" else F16, VT.UINT32, None))
-        tensors = []
-        for name, info in f.tensors.items():
-            dt = np.float16 if to == "f16" and len(info.shape) >= 2 else np.float32
-            tensors.append(_Tensor(name, info.shape, dt, lambda n=name, dt=dt: f.load_float(n).astype(dt, copy=False)))
-        with atomic_output(out, force) as tmp:
-            _write_gguf(tmp, f.architecture or "llama", kvs, tensors, 32, progress)
-    finally:
-        f.close()
-    return dict(path=out, seconds=time.perf_counter() - t0, file_bytes=os.path.getsize(out))
-
-
-# ----------------------------------------------------------------------------- command line

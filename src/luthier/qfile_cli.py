@@ -21,7 +21,7 @@ sources only: for a Hugging Face folder use llama.cpp's convert_hf_to_gguf.py.""
 
 def add_qfile_parsers(sub: Any) -> None:
     """Add `luthier quantize` and `luthier convert` to the CLI's subparsers."""
-    from .engine import parse_bits
+    from .engine import parse_bits, parse_embd_bits
 
     raw = argparse.RawDescriptionHelpFormatter
     q = sub.add_parser("quantize", help="write a quantized model file (loads in well under a second)",
@@ -37,6 +37,9 @@ def add_qfile_parsers(sub: Any) -> None:
     q.add_argument("--bits", type=parse_bits, default=4, help="linear layer bits: 1, 2, 3, 4, ternary, 8, 16")
     q.add_argument("--group-size", type=int, default=128, help="weights per scale along k")
     q.add_argument("--head-bits", type=parse_bits, default=8, help="output head bits (8: int8 kernel)")
+    q.add_argument("--embd-bits", type=parse_embd_bits, default=None,
+                   help="token embedding bits: 8 (int8 rows; a tied int8 head's table, stored once) or 16 "
+                        "(as the source stores it); default 16 with --head-bits 16, else 8")
     q.add_argument("--symmetric", action="store_true", help="no zero points")
     q.add_argument("--mode", choices=["exact", "fast"], default="fast",
                    help="LUT table mode recorded in the file (a runtime choice: --mode when running wins)")
@@ -74,7 +77,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from .quant.calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN
     from .quant.gptq import DEFAULT_PERCDAMP
 
-    cfg = QuantConfig(bits=a.bits, group_size=a.group_size, head_bits=a.head_bits, mode=a.mode, symmetric=a.symmetric)
+    cfg = QuantConfig(bits=a.bits, group_size=a.group_size, head_bits=a.head_bits, embd_bits=a.embd_bits,
+                      mode=a.mode, symmetric=a.symmetric)
     calib = dict(file=a.calib, samples=a.calib_samples or DEFAULT_N_SAMPLES, len=a.calib_len or DEFAULT_SEQ_LEN,
                  act_order=a.act_order, percdamp=DEFAULT_PERCDAMP if a.percdamp is None else a.percdamp,
                  budget=a.bpw_budget, candidates=a.mixed_bits)
@@ -101,7 +105,7 @@ def ignored_options_note(a: argparse.Namespace, lm: Any) -> str | None:
     if lm.extra.get("qfile") is None:
         return None
     d, q = QuantConfig(), lm.quant
-    given = [f"--{attr.replace('_', '-')}" for attr in ("bits", "group_size", "head_bits", "symmetric")
+    given = [f"--{attr.replace('_', '-')}" for attr in ("bits", "group_size", "head_bits", "embd_bits", "symmetric")
              if getattr(a, attr, None) not in (None, getattr(d, attr), getattr(q, attr))]
     return (f"note: {lm.path} is a quantized luthier file (bits {q.bits}, group {q.group_size}, head "
             f"{q.head_bits}, {lm.extra.get('method')}): {', '.join(given)} ignored") if given else None

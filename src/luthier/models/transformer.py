@@ -145,6 +145,7 @@ class Transformer:
         if head.shape != (self.vocab_size, args.dim):
             raise ValueError(f"{head_name}: shape {head.shape}, expected ({self.vocab_size}, {args.dim})")
         self.output = make(head_name, head)
+        self.head_tied = head_name == "token_embd.weight"
         freq_factors = weights.get("rope_freqs.weight")
         # One Rope per distinct (base, scaling): gemma3 has two, other families one.
         self._ropes: dict[tuple, Rope] = {}

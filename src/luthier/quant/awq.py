@@ -31,7 +31,6 @@ i.e. H's diagonal block; not for q and k, as AutoAWQ), or by GPTQ ("awq+gptq").
 from __future__ import annotations
 
 import copy
-import time
 from typing import Any, Callable
 
 import numpy as np

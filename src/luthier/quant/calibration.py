@@ -331,6 +331,7 @@ def build_quantized_model(
         return lin
 
     model = Transformer(args, weights, factory)
+    engine.set_embedding(model, cfg.embedding_bits)
     n_ctx = int(ctx or min(args.max_seq_len or engine.DEFAULT_CTX, engine.DEFAULT_CTX))
     runner = model
     if native:
