@@ -206,13 +206,18 @@ void Decoder::attention_impl(int li, const float* q, int64_t m, float* out) {
   const int64_t hd = c.head_dim, group = c.n_heads / c.n_kv_heads;
   const float scale = c.attn_scale;
   const int64_t window = layers[size_t(li)].sliding ? c.sliding_window : 0;
-  // a task takes `per` query heads of one row: all `group` heads of a kv head when there
-  // are rows enough to keep the threads busy (they read the same keys and values while
-  // those are in cache, and the pool dispatches fewer tasks), else one head
-  const int64_t per = m * c.n_kv_heads >= 4 * int64_t(n_threads) ? group : 1;
+  // a task takes `per` query heads of one row. With rows enough to keep the threads busy,
+  // all heads of the row: its keys and values [t][kv][hd] are then read as whole rows of
+  // the cache, once from memory (a task per kv head reads 1/kv of every row's cache lines,
+  // and the other kv heads' tasks fetch the same lines again), and they stay in L2 for the
+  // next heads (16 rows at 256 positions, SmolLM2: f32 cache 22-28 -> 17 ms per step, f16
+  // unchanged at ~12 ms). Fewer rows: all `group` heads of a kv head (they share its keys),
+  // else one head per task.
+  const int64_t nt = int64_t(n_threads);
+  const int64_t per = m >= 2 * nt ? c.n_heads : m * c.n_kv_heads >= 4 * nt ? group : 1;
   const int64_t tasks_per_row = c.n_heads / per;
   std::function<void(int64_t)> fn = [&](int64_t task) {
-    const int64_t i = task / tasks_per_row, h0 = (task % tasks_per_row) * per, kvh = h0 / group;
+    const int64_t i = task / tasks_per_row, h0 = (task % tasks_per_row) * per;
     const int64_t p = pos_[size_t(i)];
     const char* K = k_cache(slots_[size_t(i)], li);  // [ctx, kv, hd] of row i's sequence
     const char* V = v_cache(slots_[size_t(i)], li);
@@ -223,7 +228,7 @@ void Decoder::attention_impl(int li, const float* q, int64_t m, float* out) {
     sc.resize(size_t(nk));
     for (int64_t h = h0; h < h0 + per; ++h) {
       const float* qv = q + (i * c.n_heads + h) * hd;  // [m, heads, hd]
-      const size_t koff = size_t(begin * stride + kvh * hd);  // key `begin`, kv head kvh
+      const size_t koff = size_t(begin * stride + (h / group) * hd);  // key `begin`, h's kv head
       if (c.kv_f16)
         scores_f16(qv, reinterpret_cast<const uint16_t*>(K) + koff, stride, nk, hd, scale, sc.data());
       else
