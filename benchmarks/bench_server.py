@@ -263,6 +263,13 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "luthier.cli", "serve", str(model), "--port", str(port), "--bits", a.bits,
                "--group-size", str(a.group_size), "-t", str(a.threads), "--parallel", str(par), "--ctx",
                str(a.ctx), "--log-level", "warning", "--max-queue", str(4 * par)]
+        where = subprocess.run([sys.executable, "-c", "import luthier; print(luthier.__file__)"],
+                               capture_output=True, text=True).stdout.strip()
+        print(f"# luthier package served: {where}", file=sys.stderr, flush=True)
+        here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src", "luthier")
+        if os.path.isdir(here) and not where.startswith(here):
+            print(f"# note: not this checkout's {here}; set PYTHONPATH=src to serve the working tree",
+                  file=sys.stderr, flush=True)
         rows += run_engine("luthier", cmd, f"http://127.0.0.1:{port}", a)
     if a.llama_server or a.llama_cpp_python:
         with tempfile.TemporaryDirectory() as tmp:
