@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from luthier.engine import Int8Rows
 from luthier.models import ModelArgs, Transformer, float_linear
 from luthier.quant import QTensor, quantize_rtn, quantize_ternary
 from luthier.quant import calibration as calib
@@ -266,3 +267,10 @@ def test_quantize_model_gptq_builds_a_runnable_model(tmp_path, monkeypatch):
     got = lm.model.forward(toks, lm.model.new_cache(32), 0)
     want = deq.forward(toks, deq.new_cache(32), 0)
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    assert isinstance(lm.extra["reference"].tok_embd, np.ndarray)  # a float head keeps a float table
+    lm8 = calib.quantize_model_gptq(str(model_file), 3, 16, str(calib_file), n_samples=4, seq_len=16,
+                                    n_threads=1, ctx=32, head_bits=16, embd_bits=8)
+    emb = lm8.extra["reference"].tok_embd
+    assert isinstance(emb, Int8Rows) and lm8.quant.embedding_bits == 8
+    got8 = lm8.model.forward(toks, lm8.model.new_cache(32), 0)
+    assert 0 < np.abs(got8 - got).max() < 0.05 * np.abs(want).max()  # int8 rows: close, not equal

@@ -213,7 +213,8 @@ def quantize_calibrated(a: argparse.Namespace, progress: Callable[[int, int, str
         raise ValueError(f"--method {a.method} needs --calib FILE (calibration text)")
     path = resolve_model_path(a.model)
     common = dict(n_samples=a.calib_samples or DEFAULT_N_SAMPLES, seq_len=a.calib_len or DEFAULT_SEQ_LEN,
-                  head_bits=a.head_bits, symmetric=a.symmetric, mode=a.mode, n_threads=a.threads, ctx=a.ctx,
+                  head_bits=a.head_bits, embd_bits=getattr(a, "embd_bits", None), symmetric=a.symmetric,
+                  mode=a.mode, n_threads=a.threads, ctx=a.ctx,
                   act_order=a.act_order, percdamp=a.percdamp if a.percdamp is not None else DEFAULT_PERCDAMP,
                   native=getattr(a, "backend", "auto") != "numpy", progress=progress)
     if a.method == "mixed":

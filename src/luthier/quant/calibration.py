@@ -359,6 +359,7 @@ def quantize_model_gptq(
     *,
     head_bits: Any = 4,
     head_group_size: int = 32,
+    embd_bits: int | None = None,
     symmetric: bool = False,
     act_order: bool = True,
     mode: str = "fast",
@@ -391,7 +392,8 @@ def quantize_model_gptq(
     del calib_model
 
     cfg = engine.QuantConfig(bits=bits, group_size=group_size, head_bits=head_bits,
-                             head_group_size=head_group_size, mode=mode, symmetric=symmetric)
+                             head_group_size=head_group_size, embd_bits=embd_bits, mode=mode,
+                             symmetric=symmetric)
     lm = build_quantized_model(path, args, weights, tok, meta, qts, cfg, n_threads, ctx, native)
     lm.load_seconds = load_s
     lm.quantize_seconds = stats["seconds"]

@@ -278,6 +278,7 @@ def quantize_model_mixed(
     sens_len: int = DEFAULT_SENS_LEN,
     head_bits: Any = 4,
     head_group_size: int = 32,
+    embd_bits: int | None = None,
     symmetric: bool = False,
     mode: str = "fast",
     n_threads: int | None = None,
@@ -305,7 +306,8 @@ def quantize_model_mixed(
     qts, stats = mixed_model_layers(args, weights, tokens, sens_tokens, bpw_budget, fit, candidate_bits, symmetric,
                                     use_gptq, act_order, block_size, percdamp, progress)
     cfg = engine.QuantConfig(bits=max(qt.bits for qt in qts.values()), group_size=group_size, head_bits=head_bits,
-                             head_group_size=head_group_size, mode=mode, symmetric=symmetric)
+                             head_group_size=head_group_size, embd_bits=embd_bits, mode=mode,
+                             symmetric=symmetric)
     lm = build_quantized_model(path, args, weights, tok, meta, qts, cfg, n_threads, ctx, native)
     lm.load_seconds = load_s
     lm.quantize_seconds = stats["seconds"]
