@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import heapq
 import importlib.util
-import json
 import random
 from pathlib import Path
 from typing import Any
