@@ -76,12 +76,17 @@ class FloatLinear:
         return np.asarray(x, np.float32) @ self.wt
 
 
+def q8_width(k: int) -> int:
+    """kp: k rounded up to 32, the row width of int8 codes (csrc/int8_gemm.h's int8_kp)."""
+    return -(-int(k) // 32) * 32
+
+
 def quantize_q8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """w float [n, k] -> (int8 codes [n, kp], fp16 scale bits uint16 [n, kp / 32]), kp = k
-    rounded up to 32 (zero padded): symmetric, one scale per block of 32, like Q8_0."""
+    """w float [n, k] -> (int8 codes [n, kp], fp16 scale bits uint16 [n, kp / 32]), kp =
+    q8_width(k) (zero padded): symmetric, one scale per block of 32, like Q8_0."""
     w = np.asarray(w, np.float32)
     n, k = w.shape
-    kp = -(-k // 32) * 32
+    kp = q8_width(k)
     wp = np.zeros((n, kp), np.float32)
     wp[:, :k] = w
     wb = wp.reshape(n, kp // 32, 32)  # [n, kp] -> [n, blocks, 32]
@@ -101,7 +106,7 @@ class Int8Rows:
 
     def __init__(self, q: np.ndarray, scale: np.ndarray, dim: int):
         vocab, kp = q.shape
-        if q.dtype != np.int8 or kp != -(-dim // 32) * 32 or scale.shape != (vocab, kp // 32):
+        if q.dtype != np.int8 or kp != q8_width(dim) or scale.shape != (vocab, kp // 32):
             raise ValueError(f"int8 embedding: codes {q.dtype}{list(q.shape)} and scales "
                              f"{list(scale.shape)} do not fit dim {dim}")
         self.q, self.scale, self.dim = q, scale, int(dim)

@@ -72,6 +72,12 @@ def _float_tensor(name: str, a: np.ndarray) -> _Tensor:
     return _Tensor(name, a.shape, np.float32, lambda: a)
 
 
+def _q8_tensors(name: str, q: np.ndarray, scale: np.ndarray) -> list[_Tensor]:
+    """NAME.q8 I8 [n, kp] and NAME.q8_s F16 [n, kp / 32]: int8 codes and their fp16 scale bits."""
+    return [_Tensor(name + ".q8", q.shape, np.int8, lambda: q),
+            _Tensor(name + ".q8_s", scale.shape, np.float16, lambda: scale.view(np.float16))]
+
+
 def _linear_tensors(name: str, lin: Any) -> tuple[dict, list[_Tensor]]:
     """(the luthier.linears entry, the tensors) of one built linear layer."""
     from .engine import FloatLinear, Int8Linear
@@ -87,9 +93,7 @@ def _linear_tensors(name: str, lin: Any) -> tuple[dict, list[_Tensor]]:
             ts.append(_Tensor(name + ".lut_z", p.z.shape, np.float16, lambda: p.z.view(np.float16)))
         return spec, ts
     if isinstance(lin, Int8Linear):
-        spec = dict(kind="int8", n=int(lin.q.shape[0]), k=int(lin.k))
-        return spec, [_Tensor(name + ".q8", lin.q.shape, np.int8, lambda: lin.q),
-                      _Tensor(name + ".q8_s", lin.scale.shape, np.float16, lambda: lin.scale.view(np.float16))]
+        return dict(kind="int8", n=int(lin.q.shape[0]), k=int(lin.k)), _q8_tensors(name, lin.q, lin.scale)
     if isinstance(lin, FloatLinear):
         wt = lin.wt  # [k, n]
         spec = dict(kind="float", n=int(wt.shape[1]), k=int(wt.shape[0]))
@@ -133,7 +137,7 @@ def write_quantized(out: str, src_path: str, args: Any, meta: dict, floats: dict
     `out` unless force."""
     from gguf import GGUFValueType as VT
 
-    from .engine import Int8Linear
+    from .engine import Int8Linear, quantize_q8
 
     tensors: list[_Tensor] = []
     specs = {}
@@ -147,12 +151,7 @@ def write_quantized(out: str, src_path: str, args: Any, meta: dict, floats: dict
     if info["embd_bits"] == 8 and emb is not None:  # int8 rows, unless a tied int8 head holds them
         floats = {n: a for n, a in floats.items() if n != "token_embd.weight"}
         if not isinstance(linears.get("token_embd.weight"), Int8Linear):
-            from .engine import Int8Rows
-
-            rows = emb if isinstance(emb, Int8Rows) else Int8Rows.from_float(emb)
-            tensors.append(_Tensor("token_embd.weight.q8", rows.q.shape, np.int8, lambda: rows.q))
-            tensors.append(_Tensor("token_embd.weight.q8_s", rows.scale.shape, np.float16,
-                                   lambda: rows.scale.view(np.float16)))
+            tensors += _q8_tensors("token_embd.weight", *quantize_q8(emb))
     tensors = [_float_tensor(n, a) for n, a in floats.items()] + tensors
     kvs = [(FORMAT_KEY, FORMAT_VERSION, VT.UINT32, None)]
     kvs += [(f"luthier.{k}", conv(info[k]), vt, None) for k, (conv, vt) in typed.items()]
@@ -331,7 +330,7 @@ def _view(f: Any, name: str, type_name: str, shape: tuple[int, ...]) -> np.ndarr
 
 def _build_linear(f: Any, name: str, spec: dict, mode: str, n_threads: int):
     from . import _core
-    from .engine import FloatLinear
+    from .engine import FloatLinear, q8_width
     from .kernels import PackedWeight, QLinear
 
     try:
@@ -353,7 +352,7 @@ def _build_linear(f: Any, name: str, spec: dict, mode: str, n_threads: int):
         lin.nbytes = lin.packed.nbytes  # type: ignore[attr-defined]
         return lin
     if kind == "int8":
-        kp = -(-k // 32) * 32
+        kp = q8_width(k)
         q = _view(f, name + ".q8", "I8", (n, kp)).view(np.int8)
         return _int8_linear(q, _view(f, name + ".q8_s", "F16", (n, kp // 32)), k, n_threads)
     if kind == "float":
@@ -417,9 +416,7 @@ def load_quantized(path: str, quant: Any = None, n_threads: int | None = None, c
         e = "token_embd.weight"
         if e + ".q8" not in f.tensors:
             raise ValueError(f"{path}: corrupt luthier file: {e}.q8 (the int8 embedding) is missing")
-        vocab, kp = f.tensors[e + ".q8"].shape
-        if kp != -(-args.dim // 32) * 32:
-            raise ValueError(f"{path}: corrupt luthier file: {e}.q8 is [{vocab}, {kp}], model dim {args.dim}")
+        vocab, kp = f.tensors[e + ".q8"].shape[0], engine.q8_width(args.dim)  # _view checks the width
         rows = engine.Int8Rows(_view(f, e + ".q8", "I8", (vocab, kp)).view(np.int8),
                                _view(f, e + ".q8_s", "F16", (vocab, kp // 32)), args.dim)
     parts = {name + suffix for name in [*specs, "token_embd.weight"]
