@@ -176,12 +176,12 @@ NB_MODULE(_core, m) {
   }, nb::arg("data").noconvert(), nb::arg("n_threads") = 1, "reads data once (bandwidth probe); returns a checksum");
 
   m.def("int8_linear", [](const Arr<const int8_t, nb::ndim<2>>& w, const Arr<const uint16_t, nb::ndim<2>>& wscale,
-                          int64_t k, const Arr<const float, nb::ndim<2>>& x, Arr<float, nb::ndim<2>> y,
+                          int64_t n, int64_t k, const Arr<const float, nb::ndim<2>>& x, Arr<float, nb::ndim<2>> y,
                           const std::optional<Arr<const float, nb::ndim<1>>>& norm_w, float eps, int n_threads,
                           const std::string& isa) {
-    const int64_t n = w.shape(0), mm = x.shape(0);
-    check(k > 0 && int64_t(w.shape(1)) == int8_kp(k), "int8 weights must be [n, k rounded up to 32]");
-    check_shape(wscale, {n, int8_kp(k) / 32}, "int8 block scales");
+    const int64_t mm = x.shape(0);
+    check_int8_panels(n, k, int64_t(w.shape(0)), int64_t(w.shape(1)), int64_t(wscale.shape(0)),
+                      int64_t(wscale.shape(1)));
     check_shape(x, {mm, k}, "x");
     check_shape(y, {mm, n}, "y");
     check(mm > 0, "x has no rows");
@@ -190,10 +190,11 @@ NB_MODULE(_core, m) {
     nb::gil_scoped_release nogil;
     int8_linear(w.data(), wscale.data(), n, k, x.data(), mm, norm_w ? norm_w->data() : nullptr, eps,
                 y.data(), n_threads, isa.c_str());
-  }, nb::arg("w").noconvert(), nb::arg("wscale").noconvert(), nb::arg("k"), nb::arg("x").noconvert(),
+  }, nb::arg("w").noconvert(), nb::arg("wscale").noconvert(), nb::arg("n"), nb::arg("k"), nb::arg("x").noconvert(),
      nb::arg("y").noconvert(), nb::arg("norm_w").noconvert().none() = nb::none(), nb::arg("eps") = 1e-6f,
      nb::arg("n_threads") = 1, nb::arg("isa") = "",
-     "y = x . w^T for int8 weights with fp16 scales per 32 (activations int8 per 32)");
+     "y = x . w^T for int8 weights in panels with fp16 scales per 32 (int8_gemm.h; activations "
+     "int8 per 32)");
 
   m.def("float_to_half", [](Arr<const float, nb::ndim<1>> x, Arr<uint16_t, nb::ndim<1>> out) {
          if (out.shape(0) != x.shape(0)) throw std::invalid_argument("out must have the length of x");

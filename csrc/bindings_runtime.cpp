@@ -117,21 +117,21 @@ void bind_runtime(nb::module_& m) {
              *L = Linear{PackedRef{}, false, w.data(), int64_t(w.shape(0)), int64_t(w.shape(1))};
              self.keep.push_back(nb::cast(w));
            }, nb::arg("layer"), nb::arg("name"), nb::arg("w").noconvert())
-      .def("set_int8", [](PyDecoder& self, int li, const std::string& name, int64_t k,
+      .def("set_int8", [](PyDecoder& self, int li, const std::string& name, int64_t n, int64_t k,
                           Arr<const int8_t, nb::ndim<2>> w, Arr<const uint16_t, nb::ndim<2>> scale) {
-             if (k <= 0 || int64_t(w.shape(1)) != int8_kp(k) || scale.shape(0) != w.shape(0) ||
-                 int64_t(scale.shape(1)) != int8_kp(k) / 32)
-               throw std::invalid_argument("int8 weights must be [n, k rounded up to 32] with [n, kp / 32] scales");
+             check_int8_panels(n, k, int64_t(w.shape(0)), int64_t(w.shape(1)), int64_t(scale.shape(0)),
+                               int64_t(scale.shape(1)));
              Linear* L = self.linear_slot(li, name);
              Linear q;
-             q.n = int64_t(w.shape(0));
+             q.n = n;
              q.k = k;
              q.q8 = w.data();
              q.q8_scale = scale.data();
              *L = q;
              self.keep.push_back(nb::cast(w));
              self.keep.push_back(nb::cast(scale));
-           }, nb::arg("layer"), nb::arg("name"), nb::arg("k"), nb::arg("w").noconvert(), nb::arg("scale").noconvert())
+           }, nb::arg("layer"), nb::arg("name"), nb::arg("n"), nb::arg("k"), nb::arg("w").noconvert(),
+           nb::arg("scale").noconvert(), "int8 weights in panels (int8_gemm.h)")
       .def("set_perm", [](PyDecoder& self, int li, const std::string& name, Arr<const int32_t, nb::ndim<1>> perm) {
              Linear* L = self.linear_slot(li, name);
              if (int64_t(perm.shape(0)) != L->k || L->k == 0)
@@ -173,18 +173,15 @@ void bind_runtime(nb::module_& m) {
            }, nb::arg("embedding").noconvert())
       .def("set_embedding_q8", [](PyDecoder& self, Arr<const int8_t, nb::ndim<2>> q,
                                   Arr<const uint16_t, nb::ndim<2>> s) {
-             const int64_t kp = int8_kp(self.dec->cfg.dim);
-             if (int64_t(q.shape(0)) != self.dec->cfg.vocab || int64_t(q.shape(1)) != kp ||
-                 int64_t(s.shape(0)) != self.dec->cfg.vocab || int64_t(s.shape(1)) != kp / 32)
-               throw std::invalid_argument("int8 embedding must be [vocab, dim rounded up to 32] with "
-                                           "[vocab, that / 32] scales");
+             check_int8_panels(self.dec->cfg.vocab, self.dec->cfg.dim, int64_t(q.shape(0)), int64_t(q.shape(1)),
+                               int64_t(s.shape(0)), int64_t(s.shape(1)));
              self.dec->embd_q8 = q.data();
              self.dec->embd_q8_s = s.data();
              self.dec->embd_f32 = nullptr;
              self.dec->embd_f16 = nullptr;
              self.keep.push_back(nb::cast(q));
              self.keep.push_back(nb::cast(s));
-           }, nb::arg("q").noconvert(), nb::arg("scale").noconvert())
+           }, nb::arg("q").noconvert(), nb::arg("scale").noconvert(), "int8 panels of [vocab, dim]")
       .def("check", [](PyDecoder& self) {
              // every required weight set before the first forward: a clear error, not a crash
              Decoder& d = *self.dec;

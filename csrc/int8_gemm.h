@@ -1,30 +1,52 @@
 // int8_gemm.h: y[m, n] = x[m, k] . w[n, k]^T for 8-bit weights (embeddings / output heads,
 // where 8 bits are the default and a 256-entry table per activation would not pay).
 //
-// w: int8 [n, kp] row-major, kp = k rounded up to 32 (zero padded), one fp16 scale per
-//    block of 32 along k, wscale [n, kp / 32] (symmetric, like GGUF's Q8_0:
-//    w_float[n, c] = wscale[n, c / 32] * w[n, c]).
+// Weights: symmetric int8 with one fp16 scale per block of 32 along k (GGUF's Q8_0 grid),
+// stored in panels of 8 rows. This is the layout the kernels read, the luthier file stores
+// and the int8 embedding lookup reads:
+//   kp = k rounded up to 32 (zero padded), P = ceil(n / 8) panels (rows past n are zero)
+//   w      int8 [P, kp / 4, 8, 4]: w[p, c, j, i] = code of row 8p + j, column 4c + i
+//   wscale fp16 [P, kp / 32, 8]:   wscale[p, b, j] = scale of row 8p + j, columns [32b, 32b + 32)
+// Why panels: one 32-byte load holds 4 columns of 8 rows, so vpmaddubsw + vpmaddwd against a
+// token's 4 activations (one broadcast) leave the 8 rows' partial dots in the 8 int32 lanes.
+// No horizontal sums, a weight load serves every token of the tile, and a row-major layout's
+// per-row reductions (half the multiplier time at m = 16) are gone.
 // x: quantized here to int8 per block of 32 activations (scale max|x| / 127), like
 //    llama.cpp's q8_0 activations; the int32 sum of each block is scaled once.
+// Every ISA computes each output as acc = fma(float(dot_b) * wscale_b, xscale_b, acc) over
+// blocks b in order, so results are bit-identical across ISAs and tilings (a token's logits
+// do not depend on the batch it is decoded in).
 #pragma once
 #include <cstdint>
 
 namespace luthier {
 
 inline int64_t int8_kp(int64_t k) { return (k + 31) / 32 * 32; }
+inline int64_t int8_panels(int64_t n) { return (n + 7) / 8; }
+
+// Throws std::invalid_argument unless int8 codes of shape [w_rows, w_cols] and scales of
+// [s_rows, s_cols] are the panels of an [n, k] weight: [P, 8 * kp] and [P, 8 * kp / 32].
+void check_int8_panels(int64_t n, int64_t k, int64_t w_rows, int64_t w_cols, int64_t s_rows,
+                       int64_t s_cols);
 
 // x float [m, k] -> xq int8 [m, kp], xs float [m, kp / 32]
 void quantize_act_q8(const float* x, int64_t m, int64_t k, int8_t* xq, float* xs);
 
+// Row r of panel-layout weights, dequantized and times `mul`, into out [k].
+void int8_dequantize_row(const int8_t* w, const uint16_t* wscale, int64_t k, int64_t r, float mul,
+                         float* out);
+
+// Panels [p0, p1) for all m tokens: y[i * ldy + r] for rows r < n of those panels.
 using Int8Kernel = void (*)(const int8_t* w, const uint16_t* wscale, int64_t kp, const int8_t* xq,
-                            const float* xs, int64_t m, float* y, int64_t ldy, int64_t n0,
-                            int64_t n1);
-// rows [n0, n1) for all m tokens
-void int8_rows_generic(const int8_t* w, const uint16_t* wscale, int64_t kp, const int8_t* xq,
-                       const float* xs, int64_t m, float* y, int64_t ldy, int64_t n0, int64_t n1);
+                            const float* xs, int64_t m, float* y, int64_t ldy, int64_t n,
+                            int64_t p0, int64_t p1);
+void int8_panels_generic(const int8_t* w, const uint16_t* wscale, int64_t kp, const int8_t* xq,
+                         const float* xs, int64_t m, float* y, int64_t ldy, int64_t n, int64_t p0,
+                         int64_t p1);
 #if defined(LUTHIER_X86)
-void int8_rows_avx2(const int8_t* w, const uint16_t* wscale, int64_t kp, const int8_t* xq,
-                    const float* xs, int64_t m, float* y, int64_t ldy, int64_t n0, int64_t n1);
+void int8_panels_avx2(const int8_t* w, const uint16_t* wscale, int64_t kp, const int8_t* xq,
+                      const float* xs, int64_t m, float* y, int64_t ldy, int64_t n, int64_t p0,
+                      int64_t p1);
 #endif
 
 // Threaded entry point; isa "" = the active one (generic or avx2).

@@ -401,7 +401,7 @@ def test_tied_int8_head_is_the_embedding_table(qpath, in_memory, from_file):
         assert np.shares_memory(ref.tok_embd.q, ref.output.q)
     f = GGUFFile(qpath)
     assert f.metadata["luthier.embd_bits"] == "8"
-    assert "token_embd.weight" not in f.tensors and "token_embd.weight.q8" in f.tensors
+    assert "token_embd.weight" not in f.tensors and "token_embd.weight.q8p" in f.tensors
     assert qfile.load_quantized(qpath).quant.embd_bits == 8
 
 
@@ -422,7 +422,33 @@ def test_embd_bits_16_keeps_the_float_table_and_8_is_smaller(tiny_hf, tmp_path, 
         np.testing.assert_array_equal(logits(a.model, tokens), logits(b.model, tokens))
         names = GGUFFile(out).tensors
         assert ("token_embd.weight" in names) == (e == 16)
-        assert ("token_embd.weight.q8" in names) == (e == 8 or head_bits == 8)
+        assert ("token_embd.weight.q8p" in names) == (e == 8 or head_bits == 8)
     vocab, dim = 49152, 32
     saved = 2.0 if head_bits == 8 else 2.0 - 1.0625  # bytes per weight: at least f16 minus int8 rows
     assert sizes[16] - sizes[8] >= vocab * dim * saved * 0.9
+
+
+@pytest.mark.parametrize("head_bits", [8, 4])
+def test_files_with_int8_rows_from_before_panels_still_load(tiny_hf, tmp_path, monkeypatch, head_bits):
+    """Files written before the int8 panels hold int8 rows (NAME.q8 [n, kp], NAME.q8_s
+    [n, kp / 32]): they load, rearranged, and compute what a new file does."""
+    cfg = QuantConfig(bits=4, group_size=16, head_bits=head_bits, embd_bits=8)
+    new, old = tmp_path / "panels.gguf", tmp_path / "rows.gguf"
+    qfile.quantize_to_file(str(tiny_hf), str(new), cfg)
+
+    def rows_tensors(name, q, scale):  # the writer before panels: panels [P, 8 kp] -> rows [8P, kp]
+        p, kp = q.shape[0], q.shape[1] // 8
+        qr = q.reshape(p, kp // 4, 8, 4).transpose(0, 2, 1, 3).reshape(8 * p, kp)
+        sr = scale.reshape(p, kp // 32, 8).transpose(0, 2, 1).reshape(8 * p, kp // 32)
+        return [qfile._Tensor(name + ".q8", qr.shape, np.int8, lambda: qr),
+                qfile._Tensor(name + ".q8_s", sr.shape, np.float16, lambda: sr.view(np.float16))]
+
+    monkeypatch.setattr(qfile, "_q8_tensors", rows_tensors)
+    qfile.quantize_to_file(str(tiny_hf), str(old), cfg)
+    names = GGUFFile(old).tensors
+    assert "token_embd.weight.q8" in names and not any(n.endswith(".q8p") for n in names)
+    a, b = load_model(new, n_threads=1, ctx=32), load_model(old, n_threads=1, ctx=32)
+    for lm in (a, b):
+        assert isinstance(lm.extra["reference"].tok_embd, Int8Rows)
+    tokens = a.tokenizer.encode(PROMPT)
+    np.testing.assert_array_equal(logits(a.model, tokens), logits(b.model, tokens))

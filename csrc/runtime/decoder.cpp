@@ -297,14 +297,11 @@ void Decoder::forward_batch(const int32_t* tokens, const int32_t* slots, const i
   u_.resize(size_t(m * c.ffn_dim));
   rope_src_[0] = rope_src_[1] = nullptr;  // RoPE tables are per forward (positions)
   // 1. embeddings [m, dim]
-  const int64_t kp = int8_kp(d);  // row width of an int8 embedding table
   for (int64_t i = 0; i < m; ++i) {
     float* xr = x_.data() + i * d;
     const int64_t t = tokens[i];
-    if (embd_q8) {  // row t of [vocab, kp] int8, one fp16 scale per block of 32: [vocab, kp / 32]
-      const int8_t* qr = embd_q8 + t * kp;
-      const uint16_t* sr = embd_q8_s + t * (kp / 32);
-      for (int64_t j = 0; j < d; ++j) xr[j] = half_to_float(sr[j / 32]) * float(qr[j]) * c.embed_scale;
+    if (embd_q8) {  // row t of the int8 panels (int8_gemm.h)
+      int8_dequantize_row(embd_q8, embd_q8_s, d, t, c.embed_scale, xr);
       continue;
     }
     for (int64_t j = 0; j < d; ++j)

@@ -23,8 +23,8 @@ struct Linear {  // a LUT weight, an int8 one (int8_gemm.h), or a float one [n, 
   bool is_lut = false;
   const float* f = nullptr;
   int64_t n = 0, k = 0;
-  const int8_t* q8 = nullptr;  // [n, int8_kp(k)]
-  const uint16_t* q8_scale = nullptr;  // fp16 [n, int8_kp(k) / 32]
+  const int8_t* q8 = nullptr;  // int8 panels [ceil(n / 8), int8_kp(k) / 4, 8, 4] (int8_gemm.h)
+  const uint16_t* q8_scale = nullptr;  // fp16 [ceil(n / 8), int8_kp(k) / 32, 8]
   // act-order (GPTQ g_idx) imports: y = x[:, perm] @ w.T; groups are contiguous in the
   // permuted order. Linears given the same perm array share one gather and table build.
   const int32_t* perm = nullptr;  // [k] or null
@@ -65,8 +65,8 @@ class Decoder {
   std::vector<LayerWeights> layers;
   const float* embd_f32 = nullptr;     // [vocab, dim], or
   const uint16_t* embd_f16 = nullptr;  // fp16 [vocab, dim], or
-  const int8_t* embd_q8 = nullptr;     // int8 [vocab, kp] (kp = dim rounded up to 32) with
-  const uint16_t* embd_q8_s = nullptr; // fp16 scales [vocab, kp / 32]: a tied int8 head's own
+  const int8_t* embd_q8 = nullptr;     // int8 panels of [vocab, dim] (int8_gemm.h) with
+  const uint16_t* embd_q8_s = nullptr; // their fp16 scales: a tied int8 head's own arrays
   const float* out_norm = nullptr;
   Linear head;
   int n_threads;

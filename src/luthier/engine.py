@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .int8 import Int8Linear, Int8Rows
 from .kernels import QLinear
 from .quant import quantize_rtn, quantize_ternary
 
@@ -76,59 +77,6 @@ class FloatLinear:
         return np.asarray(x, np.float32) @ self.wt
 
 
-def q8_width(k: int) -> int:
-    """kp: k rounded up to 32, the row width of int8 codes (csrc/int8_gemm.h's int8_kp)."""
-    return -(-int(k) // 32) * 32
-
-
-def quantize_q8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """w float [n, k] -> (int8 codes [n, kp], fp16 scale bits uint16 [n, kp / 32]), kp =
-    q8_width(k) (zero padded): symmetric, one scale per block of 32, like Q8_0."""
-    w = np.asarray(w, np.float32)
-    n, k = w.shape
-    kp = q8_width(k)
-    wp = np.zeros((n, kp), np.float32)
-    wp[:, :k] = w
-    wb = wp.reshape(n, kp // 32, 32)  # [n, kp] -> [n, blocks, 32]
-    s = (np.abs(wb).max(-1) / 127.0).astype(np.float16)
-    s = np.where(s > 0, s, np.float16(1.0)).astype(np.float16)  # codes against fp16 scales
-    q = np.clip(np.rint(wb / s.astype(np.float32)[..., None]), -127, 127).astype(np.int8)
-    return np.ascontiguousarray(q.reshape(n, kp)), s.view(np.uint16)  # [n, blocks, 32] -> [n, kp]
-
-
-class Int8Rows:
-    """Token embeddings as int8 rows with a fp16 scale per block of 32 (quantize_q8's
-    layout): indexing dequantizes only the rows asked for. A tied model with an int8 head
-    shares the head's arrays, so the file and the memory hold one table, as llama.cpp's."""
-
-    ndim = 2
-    dtype = np.dtype(np.float32)  # what indexing returns
-
-    def __init__(self, q: np.ndarray, scale: np.ndarray, dim: int):
-        vocab, kp = q.shape
-        if q.dtype != np.int8 or kp != q8_width(dim) or scale.shape != (vocab, kp // 32):
-            raise ValueError(f"int8 embedding: codes {q.dtype}{list(q.shape)} and scales "
-                             f"{list(scale.shape)} do not fit dim {dim}")
-        self.q, self.scale, self.dim = q, scale, int(dim)
-        self.shape = (int(vocab), int(dim))
-        self.nbytes = q.nbytes + scale.nbytes
-
-    @classmethod
-    def from_float(cls, w: np.ndarray) -> "Int8Rows":
-        q, s = quantize_q8(w)
-        return cls(q, s, w.shape[1])
-
-    def __getitem__(self, tokens) -> np.ndarray:
-        """float32 rows [*tokens.shape, dim] of integer token ids of any shape."""
-        q = self.q[tokens]  # [..., kp]
-        s = self.scale[tokens].view(np.float16).astype(np.float32)  # [..., kp / 32]
-        x = q.reshape(*q.shape[:-1], -1, 32) * s[..., None]  # [..., kp] -> [..., blocks, 32]
-        return x.reshape(*q.shape[:-1], -1)[..., : self.dim]  # [..., blocks, 32] -> [..., dim]
-
-    def dequantize(self) -> np.ndarray:
-        return self[np.arange(self.shape[0])]
-
-
 def set_embedding(model: Any, embd_bits: Bits) -> None:
     """Give a built Transformer its embedding table in `embd_bits` (8 or 16): 8 takes a tied
     int8 head's arrays (no second table) or quantizes the float table; 16 keeps it."""
@@ -138,33 +86,9 @@ def set_embedding(model: Any, embd_bits: Bits) -> None:
         return
     head = model.output
     if model.head_tied and isinstance(head, Int8Linear):
-        model.tok_embd = Int8Rows(head.q, head.scale, model.args.dim)
+        model.tok_embd = Int8Rows(head.q, head.scale, head.n, model.args.dim)
     else:
         model.tok_embd = Int8Rows.from_float(model.tok_embd)
-
-
-class Int8Linear:
-    """8-bit weights (a symmetric fp16 scale per block of 32, like Q8_0) times int8
-    activations (per block of 32), by the native int8 kernel (csrc/int8_gemm.h): the
-    default for embeddings and heads. Reproduces a Q8_0 source exactly."""
-
-    def __init__(self, w: np.ndarray, n_threads: int = 1):
-        from . import _core
-
-        self.q, self.scale = quantize_q8(w)  # int8 [n, kp], fp16 bits [n, kp / 32]
-        self.k, self.n_threads = int(np.shape(w)[1]), n_threads
-        self.nbytes = self.q.nbytes + self.scale.nbytes
-        self._core = _core
-
-    def dequantize(self) -> np.ndarray:
-        s = self.scale.view(np.float16).astype(np.float32).repeat(32, 1)  # [n, blocks] -> [n, kp]
-        return (self.q.astype(np.float32) * s)[:, : self.k]
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        x2 = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
-        y = np.empty((x2.shape[0], self.q.shape[0]), np.float32)
-        self._core.int8_linear(self.q, self.scale, self.k, x2, y, None, 1e-6, self.n_threads, "")
-        return y
 
 
 def make_linear(w: np.ndarray, bits: Bits, group_size: int, cfg: QuantConfig, n_threads: int):

@@ -49,8 +49,8 @@ def _set_linear(dec, layer: int, name: str, lin, perms: dict | None = None) -> N
             if perms is not None:
                 key = perms.setdefault(key.tobytes(), key)
             dec.set_perm(layer, name, key)
-    elif hasattr(lin, "q") and hasattr(lin, "scale"):  # engine.Int8Linear
-        dec.set_int8(layer, name, lin.k, lin.q, lin.scale)
+    elif hasattr(lin, "q") and hasattr(lin, "scale"):  # int8.Int8Linear (panels)
+        dec.set_int8(layer, name, lin.n, lin.k, lin.q, lin.scale)
     elif hasattr(lin, "wt"):  # engine.FloatLinear holds w.T [k, n]
         dec.set_float(layer, name, np.ascontiguousarray(lin.wt.T))  # [k, n] -> [n, k]
     else:
@@ -74,7 +74,7 @@ class NativeModel:
             neox=a.rope_style == "neox", gelu=a.activation == "gelu_tanh", mode=mode,
             n_threads=int(n_threads), n_seq=int(n_seq), kv=kv)
         emb = model.tok_embd
-        if hasattr(emb, "q") and hasattr(emb, "scale"):  # engine.Int8Rows
+        if hasattr(emb, "q") and hasattr(emb, "scale"):  # int8.Int8Rows (panels)
             dec.set_embedding_q8(emb.q, emb.scale)
         elif emb.dtype == np.float16:
             dec.set_embedding_f16(np.ascontiguousarray(emb).view(np.uint16))

@@ -8,15 +8,18 @@ read-only views of the memory map straight to the kernels and the native decoder
     KV pairs  luthier.format_version (u32, the FIRST key: detection reads one key),
               luthier.{bits, head_bits} (str: "2", "ternary", ...), luthier.{group_size,
               head_group_size, method, mode (informative: the loader's mode runs),
-              symmetric, source ("gguf" | "hf")}, luthier.linears (JSON: name -> kind, n,
+              symmetric, source ("gguf" | "hf"), embd_rows}, luthier.linears (JSON: name -> kind, n,
               k, and for "lut" bits, group_size, ternary, zero_const), general.alignment 64;
               then the source GGUF's KV pairs, or an HF folder's JSON files as luthier.hf.*.
     tensors   "lut":   NAME.lut_w I8 [weight_bytes], NAME.lut_s F16 [scale_count], NAME.lut_z
                        F16 [scale_count] (absent if symmetric): PackedWeight's w, s, z bytes
-              "int8":  NAME.q8 I8 [n, kp] (kp = k rounded up to 32), NAME.q8_s F16 [n, kp / 32]
+              "int8":  NAME.q8p I8 [P, 8 kp], NAME.q8p_s F16 [P, 8 kp / 32]: the int8
+                       panels of int8.py / csrc/int8_gemm.h (P = ceil(n / 8), kp = k rounded
+                       up to 32). Files written before panels hold rows, NAME.q8 I8 [n, kp]
+                       and NAME.q8_s F16 [n, kp / 32]: read, and rearranged on load.
               "float": NAME.f32 F32 [n, k] (--bits 16)
-              embeddings at 8 bits (luthier.embd_bits "8"): token_embd.weight.q8 /
-                       .q8_s as "int8"; a tied int8 head IS that pair (stored once)
+              embeddings at 8 bits (luthier.embd_bits "8"): token_embd.weight.q8p /
+                       .q8p_s as "int8"; a tied int8 head IS that pair (stored once)
               norms, biases, float embeddings: their GGUF names, F32, or F16 where that is
               exact, so the loaded model computes bit for bit what the in-memory one does.
 
@@ -50,6 +53,7 @@ __all__ = ["ALIGNMENT", "FORMAT_KEY", "FORMAT_VERSION", "METHODS", "WriteError",
 
 FORMAT_KEY = "luthier.format_version"
 FORMAT_VERSION = 1
+EMBD_ROWS_KEY = "luthier.embd_rows"  # rows of an int8 embedding that is not a tied head's
 ALIGNMENT = 64  # every packed array starts on a cache line
 HF_FILES = {  # luthier.hf.<key> -> file of a Hugging Face folder kept in the quantized file
     "config": "config.json", "tokenizer": "tokenizer.json",
@@ -73,9 +77,9 @@ def _float_tensor(name: str, a: np.ndarray) -> _Tensor:
 
 
 def _q8_tensors(name: str, q: np.ndarray, scale: np.ndarray) -> list[_Tensor]:
-    """NAME.q8 I8 [n, kp] and NAME.q8_s F16 [n, kp / 32]: int8 codes and their fp16 scale bits."""
-    return [_Tensor(name + ".q8", q.shape, np.int8, lambda: q),
-            _Tensor(name + ".q8_s", scale.shape, np.float16, lambda: scale.view(np.float16))]
+    """NAME.q8p I8 [P, 8 kp] and NAME.q8p_s F16 [P, 8 kp / 32]: int8 panels, fp16 scale bits."""
+    return [_Tensor(name + ".q8p", q.shape, np.int8, lambda: q),
+            _Tensor(name + ".q8p_s", scale.shape, np.float16, lambda: scale.view(np.float16))]
 
 
 def _linear_tensors(name: str, lin: Any) -> tuple[dict, list[_Tensor]]:
@@ -93,7 +97,7 @@ def _linear_tensors(name: str, lin: Any) -> tuple[dict, list[_Tensor]]:
             ts.append(_Tensor(name + ".lut_z", p.z.shape, np.float16, lambda: p.z.view(np.float16)))
         return spec, ts
     if isinstance(lin, Int8Linear):
-        return dict(kind="int8", n=int(lin.q.shape[0]), k=int(lin.k)), _q8_tensors(name, lin.q, lin.scale)
+        return dict(kind="int8", n=lin.n, k=lin.k), _q8_tensors(name, lin.q, lin.scale)
     if isinstance(lin, FloatLinear):
         wt = lin.wt  # [k, n]
         spec = dict(kind="float", n=int(wt.shape[1]), k=int(wt.shape[0]))
@@ -137,7 +141,7 @@ def write_quantized(out: str, src_path: str, args: Any, meta: dict, floats: dict
     `out` unless force."""
     from gguf import GGUFValueType as VT
 
-    from .engine import Int8Linear, quantize_q8
+    from .int8 import Int8Linear, q8_panels, quantize_q8
 
     tensors: list[_Tensor] = []
     specs = {}
@@ -148,14 +152,17 @@ def write_quantized(out: str, src_path: str, args: Any, meta: dict, floats: dict
                  head_group_size=(int, VT.UINT32), embd_bits=(str, VT.STRING), method=(str, VT.STRING),
                  mode=(str, VT.STRING), symmetric=(bool, VT.BOOL))
     emb = floats.get("token_embd.weight")
+    extra_kvs: list[tuple] = []
     if info["embd_bits"] == 8 and emb is not None:  # int8 rows, unless a tied int8 head holds them
         floats = {n: a for n, a in floats.items() if n != "token_embd.weight"}
         if not isinstance(linears.get("token_embd.weight"), Int8Linear):
-            tensors += _q8_tensors("token_embd.weight", *quantize_q8(emb))
+            tensors += _q8_tensors("token_embd.weight", *q8_panels(*quantize_q8(emb)))
+            extra_kvs.append((EMBD_ROWS_KEY, int(emb.shape[0]), VT.UINT32, None))  # panels pad rows to 8
     tensors = [_float_tensor(n, a) for n, a in floats.items()] + tensors
     kvs = [(FORMAT_KEY, FORMAT_VERSION, VT.UINT32, None)]
     kvs += [(f"luthier.{k}", conv(info[k]), vt, None) for k, (conv, vt) in typed.items()]
     kvs.append(("luthier.linears", json.dumps(specs), VT.STRING, None))
+    kvs += extra_kvs
     kvs += _source_kvs(src_path, meta)
     with atomic_output(out, force) as tmp:
         _write_gguf(tmp, args.arch, kvs, tensors, ALIGNMENT, progress, first_key=FORMAT_KEY)
@@ -307,15 +314,18 @@ def is_luthier_file(path: str | os.PathLike) -> bool:
     return head[:4] == b"GGUF" and head[24:] == key
 
 
-def _int8_linear(q: np.ndarray, scale: np.ndarray, k: int, n_threads: int):
-    """An engine.Int8Linear over stored arrays, without its quantizing constructor."""
-    from . import _core
-    from .engine import Int8Linear
+def _q8_arrays(f: Any, name: str, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The int8 panels of NAME [n, k]: views of NAME.q8p / .q8p_s, or, in a file written
+    before panels, NAME.q8 / .q8_s rows rearranged (a copy)."""
+    from .int8 import q8_panels, q8_width
 
-    lin = Int8Linear.__new__(Int8Linear)
-    lin.q, lin.scale, lin.k, lin.n_threads, lin._core = q, scale, k, n_threads, _core
-    lin.nbytes = q.nbytes + scale.nbytes
-    return lin
+    kp = q8_width(k)
+    if name + ".q8p" in f.tensors or name + ".q8" not in f.tensors:
+        p = -(-n // 8)
+        return (_view(f, name + ".q8p", "I8", (p, 8 * kp)).view(np.int8),
+                _view(f, name + ".q8p_s", "F16", (p, kp // 4)))
+    return q8_panels(_view(f, name + ".q8", "I8", (n, kp)).view(np.int8),
+                     _view(f, name + ".q8_s", "F16", (n, kp // 32)))
 
 
 def _view(f: Any, name: str, type_name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -330,7 +340,8 @@ def _view(f: Any, name: str, type_name: str, shape: tuple[int, ...]) -> np.ndarr
 
 def _build_linear(f: Any, name: str, spec: dict, mode: str, n_threads: int):
     from . import _core
-    from .engine import FloatLinear, q8_width
+    from .engine import FloatLinear
+    from .int8 import Int8Linear
     from .kernels import PackedWeight, QLinear
 
     try:
@@ -352,9 +363,7 @@ def _build_linear(f: Any, name: str, spec: dict, mode: str, n_threads: int):
         lin.nbytes = lin.packed.nbytes  # type: ignore[attr-defined]
         return lin
     if kind == "int8":
-        kp = q8_width(k)
-        q = _view(f, name + ".q8", "I8", (n, kp)).view(np.int8)
-        return _int8_linear(q, _view(f, name + ".q8_s", "F16", (n, kp // 32)), k, n_threads)
+        return Int8Linear.from_panels(*_q8_arrays(f, name, n, k), n, k, n_threads)
     if kind == "float":
         return FloatLinear(_view(f, name + ".f32", "F32", (n, k)))
     raise ValueError(f"{f.path}: corrupt luthier file: {name} has unknown kind {kind!r}")
@@ -414,13 +423,14 @@ def load_quantized(path: str, quant: Any = None, n_threads: int | None = None, c
     rows = None
     if cfg.embd_bits == 8:  # the int8 table: a tied int8 head's pair, or its own
         e = "token_embd.weight"
-        if e + ".q8" not in f.tensors:
-            raise ValueError(f"{path}: corrupt luthier file: {e}.q8 (the int8 embedding) is missing")
-        vocab, kp = f.tensors[e + ".q8"].shape[0], engine.q8_width(args.dim)  # _view checks the width
-        rows = engine.Int8Rows(_view(f, e + ".q8", "I8", (vocab, kp)).view(np.int8),
-                               _view(f, e + ".q8_s", "F16", (vocab, kp // 32)), args.dim)
+        try:  # rows: a tied int8 head's, luthier.embd_rows, or (before panels) the rows stored
+            vocab = int(specs[e]["n"] if e in specs else meta.get(EMBD_ROWS_KEY) or f.tensors[e + ".q8"].shape[0])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: corrupt luthier file: the int8 embedding {e}.q8p or its row count "
+                             f"{EMBD_ROWS_KEY} is missing") from None
+        rows = engine.Int8Rows(*_q8_arrays(f, e, vocab, args.dim), vocab, args.dim)
     parts = {name + suffix for name in [*specs, "token_embd.weight"]
-             for suffix in (".lut_w", ".lut_s", ".lut_z", ".q8", ".q8_s", ".f32")}
+             for suffix in (".lut_w", ".lut_s", ".lut_z", ".q8p", ".q8p_s", ".q8", ".q8_s", ".f32")}
     weights: dict[str, np.ndarray] = {}
     for name, info in f.tensors.items():  # the float tensors: F16 or F32 (_view checks)
         if name not in parts:
