@@ -143,7 +143,7 @@ def block_linear_stats(path: str) -> dict:
     lin_json = fields.get("luthier.linears")
     nbytes = nel = 0
     types: dict[str, int] = {}
-    if lin_json is not None:  # a luthier file: NAME.lut_w / .lut_s / .lut_z / .q8 / .q8_s / .f32
+    if lin_json is not None:  # a luthier file: NAME.lut_w / .lut_s / .lut_z / .q8p / .q8p_s / .f32
         specs = json.loads(bytes(lin_json.parts[lin_json.data[0]]).decode("utf-8"))
         blk = {n: s for n, s in specs.items() if n.startswith("blk.")}
         by_name = {t.name: t for t in r.tensors}
@@ -151,7 +151,7 @@ def block_linear_stats(path: str) -> dict:
             nel += int(s["n"]) * int(s["k"])
             kind = s["kind"] if s["kind"] != "lut" else ("ternary" if s.get("ternary") else f"lut{s['bits']}")
             types[kind] = types.get(kind, 0) + 1
-            for suffix in (".lut_w", ".lut_s", ".lut_z", ".q8", ".q8_s", ".f32"):
+            for suffix in (".lut_w", ".lut_s", ".lut_z", ".q8p", ".q8p_s", ".q8", ".q8_s", ".f32"):
                 t = by_name.get(n + suffix)
                 if t is not None:
                     nbytes += int(t.n_bytes)

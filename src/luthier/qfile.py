@@ -137,7 +137,7 @@ def write_quantized(out: str, src_path: str, args: Any, meta: dict, floats: dict
     """Write a luthier file: `floats` (GGUF name -> array, everything that is not a linear
     layer), `linears` (name the model's linear factory was called with -> QLinear /
     Int8Linear / FloatLinear), `info` (bits, group_size, head_bits, head_group_size,
-    embd_bits (8: token_embd as int8 rows), method, mode, symmetric). Refuses an existing
+    embd_bits (8: token_embd as int8 panels), method, mode, symmetric). Refuses an existing
     `out` unless force."""
     from gguf import GGUFValueType as VT
 
@@ -153,7 +153,7 @@ def write_quantized(out: str, src_path: str, args: Any, meta: dict, floats: dict
                  mode=(str, VT.STRING), symmetric=(bool, VT.BOOL))
     emb = floats.get("token_embd.weight")
     extra_kvs: list[tuple] = []
-    if info["embd_bits"] == 8 and emb is not None:  # int8 rows, unless a tied int8 head holds them
+    if info["embd_bits"] == 8 and emb is not None:  # int8 panels, unless a tied int8 head holds them
         floats = {n: a for n, a in floats.items() if n != "token_embd.weight"}
         if not isinstance(linears.get("token_embd.weight"), Int8Linear):
             tensors += _q8_tensors("token_embd.weight", *q8_panels(*quantize_q8(emb)))
