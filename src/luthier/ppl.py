@@ -165,7 +165,7 @@ def add_ppl_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="GPTQ: columns in order of decreasing H_ii (default on: W4 g128 on SmolLM2, "
                         "WikiText-2 PPL 37.2 without, 34.0 with)")
     p.add_argument("--percdamp", type=float, default=None,
-                   help="GPTQ damping, a fraction of mean(diag H) (default 0.01)")
+                   help="GPTQ damping, a fraction of mean(diag H) (default 0.05)")
     p.add_argument("--awq-grid", type=int, default=None, help="AWQ: alphas searched (default 20)")
     p.add_argument("--no-awq-clip", action="store_true", help="AWQ: no weight clipping search")
     p.add_argument("--no-awq-duo", action="store_true",

@@ -52,7 +52,7 @@ def add_qfile_parsers(sub: Any) -> None:
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ: columns in order of decreasing H_ii (default on: W4 g128 on SmolLM2, "
                         "WikiText-2 PPL 37.2 without, 34.0 with)")
-    q.add_argument("--percdamp", type=float, default=None, help="GPTQ damping (default 0.01)")
+    q.add_argument("--percdamp", type=float, default=None, help="GPTQ damping, a fraction of mean(diag H) (default 0.05)")
     q.add_argument("--bpw-budget", type=float, default=None,
                    help="mixed: average bits per weight of the block linears, scales and zeros counted (e.g. 4.2)")
     q.add_argument("--mixed-bits", default="2,3,4",
