@@ -21,8 +21,7 @@ one of 12 candidates (100% down to 78% of min/max) that rounds the group with th
 error weighted by diag(H) (the reference's `Quantizer(mse=True)` searches the same way with
 an unweighted norm): SmolLM2 W4 g128 perplexity 34.87 -> 34.13 (GPTQ), 33.58 -> 33.34
 (AWQ+GPTQ), both at 1% damping; fp16-rounded scales/zeros, and codes computed against
-those fp16 values, so
-QTensor.dequantize() returns exactly what was committed.
+those fp16 values, so QTensor.dequantize() returns exactly what was committed.
 bits="ternary": the grid is BitNet b1.58's (quant.ternary): codes {-1, 0, +1} times an
 absmean scale per group (from the group's weights as updated when it is reached), or one
 scale per tensor (group_size None: mean|w| of the original weights); the column loop and
