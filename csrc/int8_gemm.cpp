@@ -52,7 +52,7 @@ void int8_dequantize_row(const int8_t* w, const uint16_t* wscale, int64_t k, int
   const int8_t* wp = w + (r / 8) * 8 * kp;  // panel r / 8 of [P, kp / 4, 8, 4]
   const uint16_t* sp = wscale + (r / 8) * 8 * nb;  // its scales [kp / 32, 8]
   for (int64_t col = 0; col < k; ++col)
-    out[col] = half_to_float(sp[(col / 32) * 8 + j]) * float(wp[(col / 4) * 32 + j * 4 + col % 4]) * mul;
+    out[col] = half_to_float(sp[(col / 32) * 8 + j]) * float(int8_panel_code(wp, j, col)) * mul;
 }
 
 void int8_panels_generic(const int8_t* w, const uint16_t* wscale, int64_t kp, const int8_t* xq,
@@ -69,7 +69,7 @@ void int8_panels_generic(const int8_t* w, const uint16_t* wscale, int64_t kp, co
         for (int64_t b = 0; b < nb; ++b) {
           int32_t d = 0;
           for (int64_t col = b * 32; col < b * 32 + 32; ++col)
-            d += int32_t(wp[(col / 4) * 32 + j * 4 + col % 4]) * xr[col];
+            d += int32_t(int8_panel_code(wp, j, col)) * xr[col];
           // the AVX2 kernel's rounding exactly: (dot * wscale) then one fused multiply-add
           acc = std::fma(float(d) * half_to_float(sp[b * 8 + j]), xs[i * nb + b], acc);
         }

@@ -23,6 +23,10 @@ namespace luthier {
 
 inline int64_t int8_kp(int64_t k) { return (k + 31) / 32 * 32; }
 inline int64_t int8_panels(int64_t n) { return (n + 7) / 8; }
+// code of row 8p + j, column col, in panel p's codes [kp / 4, 8, 4] (the layout above)
+inline int8_t int8_panel_code(const int8_t* panel, int64_t j, int64_t col) {
+  return panel[(col / 4) * 32 + j * 4 + col % 4];
+}
 
 // Throws std::invalid_argument unless int8 codes of shape [w_rows, w_cols] and scales of
 // [s_rows, s_cols] are the panels of an [n, k] weight: [P, 8 * kp] and [P, 8 * kp / 32].

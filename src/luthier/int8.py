@@ -16,6 +16,11 @@ def q8_width(k: int) -> int:
     return -(-int(k) // 32) * 32
 
 
+def q8_panel_count(n: int) -> int:
+    """P: rows rounded up to panels of 8 (csrc/int8_gemm.h's int8_panels)."""
+    return -(-int(n) // 8)
+
+
 def quantize_q8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """w float [n, k] -> (int8 codes [n, kp], fp16 scale bits uint16 [n, kp / 32]) as rows,
     kp = q8_width(k) (zero padded): symmetric, one scale per block of 32, like Q8_0."""
@@ -35,7 +40,7 @@ def q8_panels(q: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     """Rows (codes [n, kp], scales [n, kp / 32]) -> panels (codes [P, 8 * kp], scales
     [P, 8 * kp / 32]), the layout of csrc/int8_gemm.h."""
     n, kp = q.shape
-    p = -(-n // 8)
+    p = q8_panel_count(n)
     qr = np.zeros((p * 8, kp), np.int8)
     qr[:n] = q
     sr = np.zeros((p * 8, kp // 32), np.uint16)
@@ -46,7 +51,7 @@ def q8_panels(q: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 def _check_panels(q: np.ndarray, scale: np.ndarray, n: int, k: int, what: str) -> None:
-    p, kp = -(-int(n) // 8), q8_width(k)
+    p, kp = q8_panel_count(n), q8_width(k)
     if q.dtype != np.int8 or q.shape != (p, 8 * kp) or scale.shape != (p, kp // 4):
         raise ValueError(f"{what}: codes {q.dtype}{list(q.shape)} and scales {list(scale.shape)} are "
                          f"not the int8 panels of [{n}, {k}] ([{p}, {8 * kp}] and [{p}, {kp // 4}])")

@@ -317,11 +317,11 @@ def is_luthier_file(path: str | os.PathLike) -> bool:
 def _q8_arrays(f: Any, name: str, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The int8 panels of NAME [n, k]: views of NAME.q8p / .q8p_s, or, in a file written
     before panels, NAME.q8 / .q8_s rows rearranged (a copy)."""
-    from .int8 import q8_panels, q8_width
+    from .int8 import q8_panel_count, q8_panels, q8_width
 
     kp = q8_width(k)
     if name + ".q8p" in f.tensors or name + ".q8" not in f.tensors:
-        p = -(-n // 8)
+        p = q8_panel_count(n)
         return (_view(f, name + ".q8p", "I8", (p, 8 * kp)).view(np.int8),
                 _view(f, name + ".q8p_s", "F16", (p, kp // 4)))
     return q8_panels(_view(f, name + ".q8", "I8", (n, kp)).view(np.int8),

@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from .qtensor import QTensor, check_group_size, default_zero
-from .rtn import quantize_rtn
+from .rtn import _to_f16_scale, quantize_rtn
 
 DEFAULT_BLOCK_SIZE = 128
 # H += 5% of mean(diag H) on the diagonal: GPTQModel's default (the paper's code used 1%).
@@ -122,16 +122,14 @@ def _clip_search(w: np.ndarray, hd: np.ndarray, bits: int, symmetric: bool):
     p = CLIP_SHRINKS.astype(np.float32)[:, None]  # [P, 1]
     if symmetric:
         z = np.float32(default_zero(bits))
-        s16 = (p * (np.abs(w).max(1)[None, :] * 2.0 / maxq)).astype(np.float16)  # [P, n]
-        s16 = np.where(np.abs(s16) < np.float16(6.1e-5), np.float16(6.1e-5), s16)
+        s16 = _to_f16_scale(p * (np.abs(w).max(1)[None, :] * 2.0 / maxq))  # [P, n]
         s = s16.astype(np.float32)[..., None]  # [P, n, 1]
         q = np.clip(np.rint(w[None] / s + z), 0, maxq)  # [P, n, width]
-        zz = np.full((len(CLIP_SHRINKS), n, 1), z, np.float32)
+        zz = z
     else:
         lo = np.minimum(w.min(1), 0.0)[None, :] * p  # [P, n]
         hi = np.maximum(w.max(1), 0.0)[None, :] * p
-        s16 = ((hi - lo) / maxq).astype(np.float16)
-        s16 = np.where(np.abs(s16) < np.float16(6.1e-5), np.float16(6.1e-5), s16)
+        s16 = _to_f16_scale((hi - lo) / maxq)
         z16 = np.clip(np.rint(-lo / s16.astype(np.float32)), 0, maxq).astype(np.float16)
         s = s16.astype(np.float32)[..., None]
         zz = z16.astype(np.float32)[..., None]
@@ -218,7 +216,7 @@ def gptq_quantize(
         for g in range(n_groups):
             set_group(g, wt[:, g * gs : (g + 1) * gs], hdiag[g * gs : (g + 1) * gs])
 
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    perm = np.argsort(-hdiag, kind="stable") if act_order else np.arange(k)
     if act_order:
         wt = wt[:, perm]  # [n, k] columns in processing order
         h = h[perm][:, perm]
