@@ -24,10 +24,12 @@ Config names: `luthier:f16` (the float source, --bits 16), `luthier:source` (the
 file unconverted, --bits 16), `luthier:w{B}g{G}:{rtn|gptq|awq|awq+gptq}`,
 `luthier:tg{G}:{rtn|gptq}` (ternary), `luthier:mixed{BPW}g{G}[:{CANDIDATES}]` (bits per
 layer under a budget; candidates as `ppl --mixed-bits` with + for commas, e.g.
-`luthier:mixed4.2g128:3g128+4g128+4g64+4g32`), `llama:{F16|Q8_0|Q6_K|Q5_K_M|Q4_K_M|Q4_0|Q3_K_S|Q2_K|IQ2_XXS|...}` (types whose
+`luthier:mixed4.2g128:3g128+4g128+4g64+4g32`; `awqmixed...` for `--method awq+mixed`), `llama:{F16|Q8_0|Q6_K|Q5_K_M|Q4_K_M|Q4_0|Q3_K_S|Q2_K|IQ2_XXS|...}` (types whose
 name starts with IQ1/IQ2 get the imatrix; append `+imat` to any other type to give it
 one too). Finished rows are cached as one JSON each under --cache (key: model, config,
-chunks, ctx), so a rerun only computes what is missing; --force recomputes.
+chunks, ctx, and the calibration when it is not the default), so a rerun only computes
+what is missing; --force recomputes, luthier's quantized files included (llama.cpp's
+files, from a fixed quantizer, are reused).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def all_configs() -> list[str]:
         for g in (128, 64, 32):
             out += [f"luthier:w{b}g{g}:{m}" for m in LUTHIER_METHODS]
     out += ["luthier:tg64:rtn", "luthier:tg64:gptq", "luthier:mixed3.0g64", "luthier:mixed2.5g64"]
-    out += [f"luthier:mixed{b}g128:{MIXED_CANDIDATES}" for b in (3.9, 4.2, 4.5)]
+    out += [f"luthier:{p}mixed{b}g128:{MIXED_CANDIDATES}" for p in ("", "awq") for b in (3.9, 4.2, 4.5)]
     out += [f"llama:{t}" for t in LLAMA_TYPES]
     return out
 
@@ -179,10 +181,10 @@ def parse_luthier(cfg: str) -> dict:
     m = re.fullmatch(r"tg(\d+):(rtn|gptq)", body)
     if m:
         return dict(kind="q", bits="ternary", group=int(m.group(1)), method=m.group(2))
-    m = re.fullmatch(r"mixed([\d.]+)g(\d+)(?::([0-9g+]+))?", body)
+    m = re.fullmatch(r"(awq)?mixed([\d.]+)g(\d+)(?::([0-9g+]+))?", body)
     if m:
-        return dict(kind="mixed", budget=float(m.group(1)), group=int(m.group(2)), method="mixed",
-                    candidates=(m.group(3) or "").replace("+", ","))
+        return dict(kind="mixed", budget=float(m.group(2)), group=int(m.group(3)),
+                    method="awq+mixed" if m.group(1) else "mixed", candidates=(m.group(4) or "").replace("+", ","))
     raise SystemExit(f"unknown luthier config {cfg!r} (see --list)")
 
 
@@ -294,7 +296,7 @@ class Bench:
         if method != "rtn":
             cmd += ["--calib", a.calib]
         st_path = out + ".json"
-        if os.path.isfile(out) and os.path.isfile(st_path):
+        if os.path.isfile(out) and os.path.isfile(st_path) and not a.force:  # --force: the code may have changed
             return out, json.load(open(st_path)), cmd
         text, dt = run(cmd, os.path.join(self.logs, f"{name}.quantize.log"), env=luthier_env())
         m = re.search(r"= ([0-9.]+) bits/weight; \S+ ([0-9.]+) s, total ([0-9.]+) s", text)
@@ -316,7 +318,7 @@ class Bench:
                         commands=[shlex.join(["luthier", "ppl", model, "--bits", "16"])])
         bits, group, method = c.get("bits"), c["group"], c["method"]
         label = ("ternary" if bits == "ternary" else f"W{bits}") + f" g{group} {method.upper()}" \
-            if c["kind"] == "q" else f"mixed {c['budget']} g{group}" + (f" ({c['candidates']})" if c["candidates"] else "")
+            if c["kind"] == "q" else f"{'AWQ+' if method == 'awq+mixed' else ''}mixed {c['budget']} g{group}" + (f" ({c['candidates']})" if c["candidates"] else "")
         has_file = c["kind"] == "q" and not (bits == "ternary" and method != "rtn")
         if has_file:
             path, qst, qcmd = self.luthier_file(bits, group, method, name)
@@ -354,7 +356,7 @@ class Bench:
         if m:
             qsec = float(m.group(1))
         if c["kind"] == "mixed":
-            mm = re.search(r"^mixed: .*?([0-9.]+) bits/weight .*?; ([0-9.]+) s", out, re.M)
+            mm = re.search(r"^(?:awq\+)?mixed: .*?([0-9.]+) bits/weight .*?; ([0-9.]+) s", out, re.M)
             if not mm:
                 raise RuntimeError(f"no mixed summary in:\n{out[-2000:]}")
             bpw, qsec = float(mm.group(1)), float(mm.group(2))
@@ -484,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="without llama-perplexity: compute its perplexity through llama-cpp-python (same library)")
     p.add_argument("--work", default=DEFAULT_WORK, help="folder for the f16 and quantized files and logs")
     p.add_argument("--cache", default=None, help="folder of finished rows, one JSON each (default WORK/rows)")
-    p.add_argument("--force", action="store_true", help="recompute rows that are cached")
+    p.add_argument("--force", action="store_true",
+                   help="recompute rows that are cached, and requantize luthier's files in the work folder")
     p.add_argument("--plot-max-ppl", type=float, default=None,
                    help="leave points above this perplexity out of the chart (e.g. 150)")
     p.add_argument("--json", default=None, help="write all rows (and the run's details) to this file")
@@ -509,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         tag, src = resolve_model(spec)
         b = Bench(a, tag, src)
         for cfg in configs:
-            key = hashlib.sha1(f"{tag}|{os.path.getsize(src)}|{cfg}|{a.chunks}|{a.ctx}|{a.text}".encode()).hexdigest()[:10]
+            calib = "" if (a.calib, a.calib_chunks) == (os.path.abspath(DEFAULT_CALIB), 32) else f"|{a.calib}|{a.calib_chunks}"
+            key = hashlib.sha1(f"{tag}|{os.path.getsize(src)}|{cfg}|{a.chunks}|{a.ctx}|{a.text}{calib}".encode()).hexdigest()[:10]
             cpath = os.path.join(a.cache, f"{tag}__{cfg.replace(':', '_').replace('+', 'p')}__c{a.chunks}_ctx{a.ctx}_{key}.json")
             if os.path.isfile(cpath) and not a.force:
                 rows.append(json.load(open(cpath)))

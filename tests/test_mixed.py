@@ -162,3 +162,45 @@ def test_group_size_candidates_are_allocated_per_layer(tmp_path, monkeypatch):
     got = lm.model.forward(toks, lm.model.new_cache(32), 0)
     want = deq.forward(toks, deq.new_cache(32), 0)
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_awq_mixed_searches_each_layer_at_its_own_bits(tmp_path, monkeypatch):
+    """awq+mixed: AWQ's scales are searched with each layer rounded at its chosen bits and
+    folded into the norms; the LUT model computes what its QTensors with those folded
+    norms compute, and the folding alone leaves the float model unchanged."""
+    args, wts, model_file, calib_file = mixed_inputs(tmp_path, monkeypatch)
+    lm = mixed.quantize_model_mixed(str(model_file), 3.7, 32, str(calib_file), n_samples=4, seq_len=16,
+                                    sens_samples=2, sens_len=12, n_threads=1, ctx=32, head_bits=16, awq=True)
+    m, qts, folded = lm.extra["mixed"], lm.extra["qtensors"], lm.extra["awq_weights"]
+    assert m["method"] == "awq+mixed" and m["bpw"] <= 3.7 and len(set(m["bits"].values())) > 1
+    assert set(m["awq_search"]) == {f"blk.{i}.{k}" for i in range(2) for k in ("qkv", "o", "ffn", "down")}
+    assert not np.array_equal(folded["blk.0.attn_norm.weight"], wts["blk.0.attn_norm.weight"])
+    toks = np.arange(10) % 40
+    deq = Transformer(args, folded, lambda n, w: float_linear(n, qts[n].dequantize() if n in qts else w))
+    got = lm.model.forward(toks, lm.model.new_cache(32), 0)
+    want = deq.forward(toks, deq.new_cache(32), 0)
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    ref, flt = Transformer(args, wts), Transformer(args, folded)
+    np.testing.assert_allclose(flt.forward(toks, flt.new_cache(32), 0), ref.forward(toks, ref.new_cache(32), 0),
+                               rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
+
+def test_awq_hook_rounds_stacked_members_at_their_own_bits():
+    """The scale search's quantizer for q, k, v stacked by rows, at 2, 3 and 4 bits, rounds
+    each member's rows as that member's own quantizer does, on a row subset too."""
+    from luthier.quant import awq
+
+    args, _ = tiny_model_weights()
+    hook = awq.AWQBlockHook(args, lambda k: 16, 4, False)
+    rng = np.random.default_rng(3)
+    parts = [rng.standard_normal((r, 32)).astype(np.float32) for r in (5, 3, 4)]
+    quants = [(2, 16), (3, 16), (4, 32)]
+    w = np.concatenate(parts)  # [12, 32]
+    dq = hook._dequant(quants, np.cumsum([5, 3, 4]))
+    want = np.concatenate([awq.fake_quantizer(b, g)(p) for (b, g), p in zip(quants, parts)])
+    np.testing.assert_array_equal(dq(w), want)
+    sub = np.array([0, 2, 6, 9, 10])  # 2 rows of q, 1 of k, 2 of v
+    dqs = hook._dequant(quants, np.searchsorted(sub, np.cumsum([5, 3, 4])))
+    np.testing.assert_array_equal(dqs(w[sub]), want[sub])
+    with pytest.raises(ValueError, match="stacked rows"):
+        dq(w[:7])

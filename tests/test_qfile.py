@@ -363,19 +363,23 @@ def test_gptq_file_equals_the_in_memory_gptq_model(tiny_hf, tmp_path, one_blas_t
     assert_same_logits(a, b)
 
 
-def test_mixed_file_equals_the_in_memory_mixed_model(tiny_hf, tmp_path, one_blas_thread):
+@pytest.mark.parametrize("method", ["mixed", "awq+mixed"])
+def test_mixed_file_equals_the_in_memory_mixed_model(tiny_hf, tmp_path, one_blas_thread, method):
     """--method mixed: layers of different bits and group sizes in one file, computing what
-    the in-memory mixed model computes."""
+    the in-memory mixed model computes; awq+mixed: with AWQ's folded norms in the file too."""
     from luthier.quant.mixed import quantize_model_mixed
 
-    calib, a = calibrated_file(tiny_hf, tmp_path, "mixed", "--bpw-budget", "4.0", "--mixed-bits", "2g32,3g32,4g16")
+    calib, a = calibrated_file(tiny_hf, tmp_path, method, "--bpw-budget", "4.0", "--mixed-bits", "2g32,3g32,4g16")
     b = quantize_model_mixed(str(tiny_hf), 4.0, 32, str(calib), 3, 24, candidate_bits=((2, 32), (3, 32), (4, 16)),
-                             head_bits=8, n_threads=1, ctx=32)
+                             head_bits=8, n_threads=1, ctx=32, awq=method == "awq+mixed")
     kinds = {(l.packed.bits, l.packed.group_size) for l in a.extra["linears"] if hasattr(l, "packed")}
     assert len(kinds) > 1  # the file holds layers of different bits / groups
     assert_same_logits(a, b)
+    src = load_model(str(tiny_hf), n_threads=1, ctx=32)
+    folded = not np.array_equal(a.extra["reference"].layers[0].attn_norm, src.extra["reference"].layers[0].attn_norm)
+    assert folded == (method == "awq+mixed")
     with pytest.raises(ValueError, match="--bpw-budget"):
-        qfile.quantize_to_file(str(tiny_hf), str(tmp_path / "x.gguf"), QuantConfig(), "mixed",
+        qfile.quantize_to_file(str(tiny_hf), str(tmp_path / "x.gguf"), QuantConfig(), method,
                                dict(file=str(calib), samples=3, len=24, percdamp=0.01))
 
 

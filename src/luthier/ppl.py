@@ -155,7 +155,8 @@ def add_ppl_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="quantizer of the linear layers: rtn; gptq (--bits 1-4 or ternary: "
                         "error feedback); awq (activation-aware scales folded into the norms, "
                         "then RTN with clipping); awq+gptq; mixed (bits per layer from measured "
-                        "sensitivity under --bpw-budget, GPTQ). All but rtn need --calib")
+                        "sensitivity under --bpw-budget, GPTQ); awq+mixed (AWQ's scales at each "
+                        "layer's chosen bits, then mixed). All but rtn need --calib")
     p.add_argument("--calib", default=None, help="calibration text file (GPTQ, AWQ, mixed)")
     p.add_argument("--calib-samples", type=int, default=None,
                    help="calibration sequences (default 32)")
@@ -199,7 +200,7 @@ def _uses_float_linear(lm: Any) -> bool:
     return any(isinstance(l, FloatLinear) for l in lm.extra.get("linears", []))
 
 
-METHODS = ("rtn", "gptq", "awq", "awq+gptq", "mixed")
+METHODS = ("rtn", "gptq", "awq", "awq+gptq", "mixed", "awq+mixed")
 
 
 def quantize_calibrated(a: argparse.Namespace, progress: Callable[[int, int, str], None] | None = None):
@@ -217,20 +218,18 @@ def quantize_calibrated(a: argparse.Namespace, progress: Callable[[int, int, str
                   mode=a.mode, n_threads=a.threads, ctx=a.ctx,
                   act_order=a.act_order, percdamp=a.percdamp if a.percdamp is not None else DEFAULT_PERCDAMP,
                   native=getattr(a, "backend", "auto") != "numpy", progress=progress)
-    if a.method == "mixed":
-        from .quant.mixed import quantize_model_mixed
+    if a.method in ("mixed", "awq+mixed"):
+        from .quant.mixed import parse_candidates, quantize_model_mixed
 
         if a.bpw_budget is None:
-            raise ValueError("--method mixed needs --bpw-budget (average bits per weight, e.g. 3.0)")
-        from .quant.mixed import parse_candidates
-
+            raise ValueError(f"--method {a.method} needs --bpw-budget (average bits per weight, e.g. 3.0)")
         cand = parse_candidates(a.mixed_bits)
         lm = quantize_model_mixed(path, a.bpw_budget, a.group_size, a.calib, candidate_bits=cand,
-                                  use_gptq=not a.mixed_rtn, **common)
+                                  use_gptq=not a.mixed_rtn, awq=a.method == "awq+mixed", **common)
         m = lm.extra["mixed"]
         counts = ", ".join(f"{n} at {b} bits" if isinstance(b, int) else f"{n} at {b}"
                            for b, n in m["counts"].items())
-        return lm, (f"mixed: {m['layers']} layers, {m['bpw']:.4f} bits/weight (budget {m['budget']}): {counts}; "
+        return lm, (f"{a.method}: {m['layers']} layers, {m['bpw']:.4f} bits/weight (budget {m['budget']}): {counts}; "
                     f"{m['seconds']:.1f} s (sensitivity {m['sensitivity_seconds']:.1f} s)")
     if a.bits not in (2, 3, 4, "ternary"):
         raise ValueError(f"--method {a.method} quantizes to 2, 3 or 4 bits, or ternary, not {a.bits}")

@@ -192,11 +192,13 @@ def _gptq_linears(args, weights, tok, quant, calib: dict, progress) -> dict[str,
     return out
 
 
-def _mixed_linears(args, weights, tok, quant, calib: dict, progress) -> dict[str, Any]:
+def _mixed_linears(args, weights, tok, quant, calib: dict, progress, awq: bool = False) -> tuple[dict[str, Any], dict]:
     """Block linears with bits and group size per layer under a bits-per-weight budget
-    (quant/mixed.py), as `ppl --method mixed` does; the head by engine.make_linear."""
+    (quant/mixed.py), as `ppl --method mixed` does; the head by engine.make_linear.
+    Returns (linears, the float weights: with AWQ's scales folded in when awq)."""
     from . import engine
     from .kernels import QLinear
+    from .quant.awq import fold_into_weights
     from .quant.calibration import calibration_tokens
     from .quant.mixed import DEFAULT_SENS_LEN, DEFAULT_SENS_SAMPLES, mixed_model_layers, parse_candidates
 
@@ -205,18 +207,21 @@ def _mixed_linears(args, weights, tok, quant, calib: dict, progress) -> dict[str
     seed = calib.get("seed", 0)
     tokens = calibration_tokens(tok, text, calib["samples"], calib["len"], seed)
     sens_tokens = calibration_tokens(tok, text, DEFAULT_SENS_SAMPLES, DEFAULT_SENS_LEN, seed + 1)
-    qts, _ = mixed_model_layers(args, weights, tokens, sens_tokens, calib["budget"],
-                                lambda k: engine._fit_group(k, quant.group_size),
-                                parse_candidates(calib.get("candidates") or "2,3,4"), quant.symmetric,
-                                act_order=calib.get("act_order", True), percdamp=calib["percdamp"],
-                                progress=progress)
+    qts, stats = mixed_model_layers(args, weights, tokens, sens_tokens, calib["budget"],
+                                    lambda k: engine._fit_group(k, quant.group_size),
+                                    parse_candidates(calib.get("candidates") or "2,3,4"), quant.symmetric,
+                                    act_order=calib.get("act_order", True), percdamp=calib["percdamp"],
+                                    progress=progress, awq=awq)
+    if awq:
+        weights = fold_into_weights(args, weights, stats["awq_scales"])
     out = {name: QLinear(qt, mode=quant.mode) for name, qt in qts.items()}
     head = "output.weight" if "output.weight" in weights else "token_embd.weight"  # tied or not
     out[head] = engine.make_linear(weights[head], quant.head_bits, quant.head_group_size, quant, 1)
-    return out
+    return out, weights
 
 
-METHODS = ("rtn", "gptq", "awq", "awq+gptq", "mixed")
+METHODS = ("rtn", "gptq", "awq", "awq+gptq", "mixed", "awq+mixed")
+MIXED_METHODS = ("mixed", "awq+mixed")
 
 
 def _rtn_linears(args: Any, weights: dict, quant: Any, progress: Progress | None) -> dict[str, Any]:
@@ -268,22 +273,22 @@ def quantize_to_file(model: str | None, out: str, quant: Any, method: str = "rtn
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if method == "mixed" and not ((calib or {}).get("budget") and calib.get("file")):
-        raise ValueError("--method mixed needs --bpw-budget (average bits per weight, e.g. 4.2) and --calib FILE")
-    if method not in ("rtn", "mixed") and (quant.bits not in (1, 2, 3, 4, "ternary") or not (calib or {}).get("file")):
+    if method in MIXED_METHODS and not ((calib or {}).get("budget") and calib.get("file")):
+        raise ValueError(f"--method {method} needs --bpw-budget (average bits per weight, e.g. 4.2) and --calib FILE")
+    if method not in ("rtn",) + MIXED_METHODS and (quant.bits not in (1, 2, 3, 4, "ternary") or not (calib or {}).get("file")):
         raise ValueError(f"--method {method} needs --bits 1-4 or ternary (got {quant.bits}) and --calib FILE "
                          "(calibration text)")
     out = check_output(out, force)  # before the slow part
     path = engine.resolve_model_path(model)
     t0 = time.perf_counter()
-    if method.startswith("awq"):  # AWQ reads the model itself and folds its scales into it
+    if method in ("awq", "awq+gptq"):  # AWQ reads the model itself and folds its scales into it
         args, weights, meta, linears = _awq_linears(path, quant, calib or {}, method == "awq+gptq")
     else:
         args, weights, tok, meta = engine.read_float_model(path, progress)
         if method == "gptq":
             linears = _gptq_linears(args, weights, tok, quant, calib or {}, progress)
-        elif method == "mixed":
-            linears = _mixed_linears(args, weights, tok, quant, calib or {}, progress)
+        elif method in MIXED_METHODS:
+            linears, weights = _mixed_linears(args, weights, tok, quant, calib or {}, progress, method == "awq+mixed")
         else:
             linears = _rtn_linears(args, weights, quant, progress)
     t_quant = time.perf_counter() - t0

@@ -45,7 +45,7 @@ def add_qfile_parsers(sub: Any) -> None:
                    help="LUT table mode recorded in the file (a runtime choice: --mode when running wins)")
     q.add_argument("--method", choices=list(METHODS), default="rtn",
                    help="rtn: round to nearest; gptq, awq, awq+gptq: calibrated on --calib text; mixed: "
-                        "bits (and group size) per layer under --bpw-budget, GPTQ")
+                        "bits (and group size) per layer under --bpw-budget, GPTQ; awq+mixed: AWQ's scales first")
     q.add_argument("--calib", default=None, help="calibration text file (gptq, awq, mixed)")
     q.add_argument("--calib-samples", type=int, default=None, help="GPTQ calibration sequences (default 32)")
     q.add_argument("--calib-len", type=int, default=None, help="tokens per calibration sequence (default 512)")

@@ -64,6 +64,8 @@ NO_CLIP = ("attn_q", "attn_k")  # their errors meet in q.k; AutoAWQ does not cli
 # w [n, k] -> its quantized weights, dequantized [n, k]
 Dequant = Callable[[np.ndarray], np.ndarray]
 GroupFit = Callable[[int], "int | None"]
+# (linear's tensor name, k) -> (bits, group size) it is quantized with
+LayerQuant = Callable[[str, int], "tuple[int | str, int | None]"]
 
 
 def quantizer(bits: int | str, group_size: int | None, symmetric: bool = False) -> Callable[[np.ndarray], QTensor]:
@@ -123,6 +125,14 @@ def _tied_mean(v: np.ndarray, tie: np.ndarray | None) -> np.ndarray:
     return np.bincount(tie, weights=v) / np.maximum(np.bincount(tie), 1)
 
 
+def row_subset(n: int, max_rows: int | None) -> np.ndarray | None:
+    """The fixed random subset (sorted indices) of n stacked rows that the scale search's
+    loss sums over, or None for all of them."""
+    if not max_rows or n <= max_rows:
+        return None
+    return np.sort(np.random.default_rng(0).choice(n, max_rows, replace=False))
+
+
 def search_scale(
     w: np.ndarray,
     h: np.ndarray,
@@ -144,8 +154,9 @@ def search_scale(
     w = np.asarray(w, np.float32)
     h32 = np.asarray(h, np.float32)
     n, k = w.shape
-    if max_rows and n > max_rows:
-        w = w[np.sort(np.random.default_rng(0).choice(n, max_rows, replace=False))]  # [max_rows, k]
+    rows = row_subset(n, max_rows)
+    if rows is not None:
+        w = w[rows]  # [max_rows, k]
         n = max_rows
     xm = np.maximum(_tied_mean(np.asarray(x_mean, np.float64), tie), 0.0)
     families = [("x", None)]
@@ -299,8 +310,11 @@ class AWQBlockHook:
     activations, folded into the block's calibration linears and norm vectors."""
 
     def __init__(self, args: Any, fit: GroupFit, bits: int | str, symmetric: bool, grid: int = DEFAULT_GRID,
-                 duo: bool = True, search_samples: int | None = DEFAULT_SEARCH_SAMPLES):
+                 duo: bool = True, search_samples: int | None = DEFAULT_SEARCH_SAMPLES,
+                 layer_quant: LayerQuant | None = None):
         self.args, self.fit, self.bits, self.symmetric = args, fit, bits, symmetric
+        # (bits, group size) of each linear by name; mixed precision gives each its own
+        self.layer_quant = layer_quant or (lambda name, k: (bits, fit(k)))
         self.grid, self.duo, self.search_samples = grid, duo, search_samples
         self.tie = o_tie(args)
         self.scales: dict[int, dict[str, np.ndarray]] = {}
@@ -323,9 +337,18 @@ class AWQBlockHook:
             cap = caps[inputs[key]]
             w = np.concatenate([lins[n].w for n in names])  # rows sharing the input: [sum n, k]
             k = w.shape[1]
-            gs = self.fit(k)
-            s, info = search_scale(w, cap.acc.hessian, cap.x_mean, fake_quantizer(self.bits, gs, self.symmetric),
-                                   self.grid, self.tie if key == "o" else None, gs, self.duo)
+            quants = [self.layer_quant(f"blk.{i}.{n}.weight", k) for n in names]
+            if len(set(quants)) == 1:
+                dequant = fake_quantizer(*quants[0], self.symmetric)
+            else:  # members at their own bits: the search's row subset taken here, split by member
+                sub = row_subset(w.shape[0], DEFAULT_MAX_ROWS)
+                ends = np.cumsum([lins[n].w.shape[0] for n in names])
+                if sub is not None:
+                    w = w[sub]  # sorted, so the members stay contiguous: [max_rows, k]
+                    ends = np.searchsorted(sub, ends)
+                dequant = self._dequant(quants, ends)
+            s, info = search_scale(w, cap.acc.hessian, cap.x_mean, dequant,
+                                   self.grid, self.tie if key == "o" else None, quants[0][1], self.duo)
             scales[key] = s
             self.search[f"blk.{i}.{key}"] = info
         t = {name: lin.w for name, lin in lins.items()}
@@ -335,6 +358,18 @@ class AWQBlockHook:
             lin.w = f[name]
         layer.attn_norm, layer.ffn_norm, layer.bv = f["attn_norm"], f["ffn_norm"], f["bv"]
         self.scales[i] = scales
+
+    def _dequant(self, quants: list[tuple[int | str, int | None]], ends: np.ndarray) -> Dequant:
+        """The fake quantizer of linears stacked by rows (member j: rows [ends[j-1], ends[j])),
+        each at its own (bits, group size); rows are quantized independently."""
+        parts = [fake_quantizer(b, g, self.symmetric) for b, g in quants]
+
+        def dq(w: np.ndarray) -> np.ndarray:
+            if w.shape[0] != ends[-1]:
+                raise ValueError(f"expected {ends[-1]} stacked rows, got {w.shape[0]}")
+            return np.concatenate([f(p) for f, p in zip(parts, np.split(w, ends[:-1]), strict=True) if len(p)])
+
+        return dq
 
 
 def rtn_clip_group_quantizer(bits: int | str, fit: GroupFit, symmetric: bool, clip: bool = True) -> QuantizeGroup:

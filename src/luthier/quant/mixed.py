@@ -32,7 +32,17 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .awq import _ATTR, BLOCK_LINEARS, _Capture, fake_quantizer, output_error, quantizer
+from .awq import (
+    _ATTR,
+    BLOCK_LINEARS,
+    DEFAULT_GRID,
+    AWQBlockHook,
+    _Capture,
+    fake_quantizer,
+    fold_into_weights,
+    output_error,
+    quantizer,
+)
 from .calibration import (
     DEFAULT_N_SAMPLES,
     DEFAULT_SEQ_LEN,
@@ -287,6 +297,7 @@ def quantize_model_mixed(
     act_order: bool = True,
     block_size: int = DEFAULT_BLOCK_SIZE,
     percdamp: float = DEFAULT_PERCDAMP,
+    awq: bool = False,
     seed: int = 0,
     progress: Progress | None = None,
 ):
@@ -295,8 +306,11 @@ def quantize_model_mixed(
     most bpw_budget, quantize them with those bits by sequential GPTQ (or RTN when not
     use_gptq) on `calib_file`, and return an engine.LoadedModel on the LUT kernels. Same
     shape as calibration.quantize_model_gptq, bpw_budget in place of bits; the head is not
-    counted in the budget (head_bits as the other methods). lm.extra["mixed"]: the bits
-    per layer, the achieved bits per weight, the sensitivities and the timings."""
+    counted in the budget (head_bits as the other methods). awq: AWQ's scale search first in
+    each block, at each layer's chosen bits, folded into the norms as quantize_model_awq
+    does (lm.extra["awq_weights"]: the float weights with the folded norms).
+    lm.extra["mixed"]: the bits per layer, the achieved bits per weight, the sensitivities
+    and the timings."""
     from .. import engine
 
     path, args, weights, tok, meta, tokens, load_s = load_calibration(path, calib_file, n_samples, seq_len, seed)
@@ -304,7 +318,9 @@ def quantize_model_mixed(
     with open(calib_file, encoding="utf-8") as f:
         sens_tokens = calibration_tokens(tok, f.read(), sens_samples, sens_len, seed + 1)
     qts, stats = mixed_model_layers(args, weights, tokens, sens_tokens, bpw_budget, fit, candidate_bits, symmetric,
-                                    use_gptq, act_order, block_size, percdamp, progress)
+                                    use_gptq, act_order, block_size, percdamp, progress, awq=awq)
+    if awq:
+        weights = fold_into_weights(args, weights, stats.pop("awq_scales"))
     cfg = engine.QuantConfig(bits=max(qt.bits for qt in qts.values()), group_size=group_size, head_bits=head_bits,
                              head_group_size=head_group_size, embd_bits=embd_bits, mode=mode,
                              symmetric=symmetric)
@@ -314,6 +330,8 @@ def quantize_model_mixed(
     stats.update(n_samples=n_samples, seq_len=seq_len, sens_samples=sens_samples, sens_len=sens_len,
                  calib_file=calib_file)
     lm.extra.update(mixed=stats)
+    if awq:
+        lm.extra.update(awq_weights=weights)
     return lm
 
 
@@ -331,10 +349,15 @@ def mixed_model_layers(
     block_size: int = DEFAULT_BLOCK_SIZE,
     percdamp: float = DEFAULT_PERCDAMP,
     progress: Progress | None = None,
+    *,
+    awq: bool = False,
+    awq_grid: int = DEFAULT_GRID,
 ) -> tuple[dict[str, QTensor], dict]:
     """The mixed-precision QTensors of every block linear of a float model (weights): the
     sensitivities measured on sens_tokens [N', L'], the allocation under bpw_budget, then
-    sequential GPTQ (or RTN) on tokens [N, L]. Returns ({name: QTensor}, stats)."""
+    sequential GPTQ (or RTN) on tokens [N, L], after AWQ's scale search per block when awq
+    (each layer's error judged at its own bits; stats["awq_scales"]: {block: scales} for
+    awq.fold_into_weights, which the QTensors expect). Returns ({name: QTensor}, stats)."""
     from ..models import Transformer
 
     if not candidate_bits or any(cand_bits(c) not in (1, 2, 3, 4) for c in candidate_bits):
@@ -350,16 +373,23 @@ def mixed_model_layers(
 
     calib_model = Transformer(args, weights, calibration_factory())
     qg = mixed_group_quantizer(bits_of, fit, symmetric, use_gptq, act_order, block_size, percdamp)
-    qts, stats = sequential_quantize(calib_model, tokens, qg, progress, label="mixed")
+    hook = None
+    if awq:  # the search rounds each linear as it will be: its candidate's bits and group size
+        hook = AWQBlockHook(args, fit, CANDIDATE_BITS[-1], symmetric, awq_grid,
+                            layer_quant=lambda name, k: (cand_bits(bits_of[name]), cand_group(bits_of[name], k, fit)))
+    qts, stats = sequential_quantize(calib_model, tokens, qg, progress, block_hook=hook,
+                                     label="awq+mixed" if awq else "mixed")
     del calib_model
+    if hook is not None:
+        stats.update(awq_scales=hook.scales, awq_search=hook.search)
 
     achieved = sum(sizes[n] * bpw[n][bits_of[n]] for n in names) / sum(sizes.values())
     counts = {cand_label(c) if isinstance(c, tuple) else c: sum(1 for n in names if bits_of[n] == c)
               for c in candidate_bits}
-    stats.update(method="mixed", budget=bpw_budget, bpw=achieved, counts=counts,
+    stats.update(method="awq+mixed" if awq else "mixed", budget=bpw_budget, bpw=achieved, counts=counts,
                  bits={n: cand_bits(c) for n, c in bits_of.items()},
                  groups={n: qts[n].group_size for n in names},
                  sensitivity_seconds=sens_s, quantize_seconds=stats["seconds"], seconds=sens_s + stats["seconds"],
                  cost={n: {cand_label(c): v for c, v in cv.items()} for n, cv in cost.items()}, kl=sens["kl"],
-                 use_gptq=use_gptq)
+                 use_gptq=use_gptq, awq=awq)
     return qts, stats
