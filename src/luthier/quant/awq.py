@@ -38,15 +38,14 @@ import numpy as np
 from .calibration import (
     DEFAULT_N_SAMPLES,
     DEFAULT_SEQ_LEN,
+    CalibOptions,
     HessianAccumulator,
     Progress,
     QuantizeGroup,
     _CalibLinear,
-    build_quantized_model,
     calibration_factory,
     check_calib_bits,
     gptq_group_quantizer,
-    load_calibration,
     sequential_quantize,
 )
 from .gptq import DEFAULT_BLOCK_SIZE, DEFAULT_PERCDAMP
@@ -431,59 +430,35 @@ def quantize_model_awq(
     n_samples: int = DEFAULT_N_SAMPLES,
     seq_len: int = DEFAULT_SEQ_LEN,
     *,
-    head_bits: Any = 4,
-    head_group_size: int = 32,
-    embd_bits: int | None = None,
-    symmetric: bool = False,
-    mode: str = "fast",
-    n_threads: int | None = None,
-    ctx: int | None = None,
-    native: bool = True,
     grid: int = DEFAULT_GRID,
     duo: bool = True,
     clip: bool = True,
     use_gptq: bool = False,
     search_samples: int | None = DEFAULT_SEARCH_SAMPLES,
-    act_order: bool = True,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    percdamp: float = DEFAULT_PERCDAMP,
-    seed: int = 0,
-    progress: Progress | None = None,
+    **options: Any,
 ):
     """Load a float model, AWQ-scale and quantize its block linears (RTN with clipping, or
     GPTQ when use_gptq) on `calib_file`, and return an engine.LoadedModel running them on
     the LUT kernels, the scales folded into its norm vectors and v/up rows (no run-time
-    cost). Same shape as calibration.quantize_model_gptq; lm.extra["awq"] holds the stats,
-    lm.extra["awq_weights"] the float weights with the folded norms."""
+    cost). Same shape as calibration.quantize_model_gptq (options: CalibOptions' fields);
+    lm.extra["awq"] holds the stats, lm.extra["awq_weights"] the float weights with the
+    folded norms."""
     from .. import engine
     from ..models import Transformer
 
+    o = CalibOptions(n_samples=n_samples, seq_len=seq_len, **options)
     check_calib_bits(bits, "AWQ")
-    path, args, weights, tok, meta, tokens, load_s = load_calibration(path, calib_file, n_samples, seq_len, seed)
+    path, args, weights, tok, meta, tokens, load_s = o.load(path, calib_file)
     calib_model = Transformer(args, weights, calibration_factory())
     fit = lambda k: engine._fit_group(k, group_size) if group_size else None  # noqa: E731
-    qts, scales, stats = awq_model_layers(calib_model, tokens, bits, fit, symmetric, grid=grid, duo=duo, clip=clip,
+    qts, scales, stats = awq_model_layers(calib_model, tokens, bits, fit, o.symmetric, grid=grid, duo=duo, clip=clip,
                                           use_gptq=use_gptq, search_samples=search_samples,
-                                          act_order=act_order, block_size=block_size,
-                                          percdamp=percdamp, progress=progress)
-    # the folded norms and v biases, back to the file's convention (without the offset)
-    folded = dict(weights)
-    off = np.float32(args.norm_weight_offset)
-    for i, layer in enumerate(calib_model.layers):
-        folded[f"blk.{i}.attn_norm.weight"] = layer.attn_norm - off
-        folded[f"blk.{i}.ffn_norm.weight"] = layer.ffn_norm - off
-        if layer.bv is not None:
-            folded[f"blk.{i}.attn_v.bias"] = layer.bv
+                                          act_order=o.act_order, block_size=o.block_size,
+                                          percdamp=o.percdamp, progress=o.progress)
     del calib_model
-
-    cfg = engine.QuantConfig(bits=bits, group_size=group_size, head_bits=head_bits,
-                             head_group_size=head_group_size, embd_bits=embd_bits, mode=mode,
-                             symmetric=symmetric)
-    lm = build_quantized_model(path, args, folded, tok, meta, qts, cfg, n_threads, ctx, native)
-    lm.load_seconds = load_s
-    lm.quantize_seconds = stats["seconds"]
-    stats.update(method="awq+gptq" if use_gptq else "awq", n_samples=n_samples, seq_len=seq_len,
-                 calib_file=calib_file, grid=grid, duo=duo, clip=clip and not use_gptq,
-                 search_samples=search_samples)
+    folded = fold_into_weights(args, weights, scales)  # the norms and v biases the QTensors expect
+    lm = o.build(path, args, folded, tok, meta, qts, bits, group_size, load_s, stats,
+                 method="awq+gptq" if use_gptq else "awq", calib_file=calib_file, grid=grid, duo=duo,
+                 clip=clip and not use_gptq, search_samples=search_samples)
     lm.extra.update(awq=stats, awq_scales=scales, awq_weights=folded)
     return lm

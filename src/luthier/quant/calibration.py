@@ -19,6 +19,7 @@ recomputed per pass. A last pass with every linear quantized gives the next bloc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from typing import Any, Callable
@@ -349,6 +350,48 @@ def check_calib_bits(bits: Any, method: str) -> None:
         raise ValueError(f"{method} quantizes to 1-4 bits or ternary, got {bits}")
 
 
+@dataclasses.dataclass
+class CalibOptions:
+    """The options every calibrated method (GPTQ, AWQ, mixed) takes besides bits, group
+    size and the calibration file: how much calibration text, GPTQ's knobs, and how the
+    returned model is built (head, embeddings, table mode, threads, context)."""
+
+    n_samples: int = DEFAULT_N_SAMPLES  # calibration sequences
+    seq_len: int = DEFAULT_SEQ_LEN  # tokens per sequence
+    head_bits: Any = 4
+    head_group_size: int = 32
+    embd_bits: int | None = None
+    symmetric: bool = False
+    act_order: bool = True
+    block_size: int = DEFAULT_BLOCK_SIZE
+    percdamp: float = DEFAULT_PERCDAMP
+    mode: str = "fast"
+    n_threads: int | None = None
+    ctx: int | None = None
+    native: bool = True
+    seed: int = 0
+    progress: Progress | None = None
+
+    def load(self, path: str | None, calib_file: str):
+        """load_calibration with these sample counts."""
+        return load_calibration(path, calib_file, self.n_samples, self.seq_len, self.seed)
+
+    def build(self, path: str, args: Any, weights: dict, tok: Any, meta: dict, qts: dict[str, QTensor],
+              bits: Any, group_size: int, load_s: float, stats: dict, **info: Any):
+        """build_quantized_model with these options, its load and quantize times set; stats
+        (the method's, for lm.extra) gain the sample counts and `info` (method, ...)."""
+        from .. import engine
+
+        cfg = engine.QuantConfig(bits=bits, group_size=group_size, head_bits=self.head_bits,
+                                 head_group_size=self.head_group_size, embd_bits=self.embd_bits, mode=self.mode,
+                                 symmetric=self.symmetric)
+        lm = build_quantized_model(path, args, weights, tok, meta, qts, cfg, self.n_threads, self.ctx, self.native)
+        lm.load_seconds = load_s
+        lm.quantize_seconds = stats["seconds"]
+        stats.update(n_samples=self.n_samples, seq_len=self.seq_len, **info)
+        return lm
+
+
 def quantize_model_gptq(
     path: str | None,
     bits: int | str,
@@ -356,48 +399,30 @@ def quantize_model_gptq(
     calib_file: str,
     n_samples: int = DEFAULT_N_SAMPLES,
     seq_len: int = DEFAULT_SEQ_LEN,
-    *,
-    head_bits: Any = 4,
-    head_group_size: int = 32,
-    embd_bits: int | None = None,
-    symmetric: bool = False,
-    act_order: bool = True,
-    mode: str = "fast",
-    n_threads: int | None = None,
-    ctx: int | None = None,
-    native: bool = True,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    percdamp: float = DEFAULT_PERCDAMP,
-    seed: int = 0,
-    progress: Progress | None = None,
+    **options: Any,
 ):
     """Load a float model, GPTQ its block linears on `calib_file` (N sequences of L tokens),
     and return an engine.LoadedModel running them on the LUT kernels. bits: 1-4, or
     "ternary" (absmean grid with error feedback; group_size 0: one scale per tensor). The
     output head is quantized like engine.load_model does (round-to-nearest at head_bits).
     Group sizes are fitted to each row length as engine does (engine._fit_group), so RTN
-    and GPTQ models of the same --group-size use the same groups."""
+    and GPTQ models of the same --group-size use the same groups. options: CalibOptions'
+    fields (head_bits, act_order, percdamp, n_threads, progress, ...)."""
     from .. import engine
     from ..models import Transformer
 
+    o = CalibOptions(n_samples=n_samples, seq_len=seq_len, **options)
     check_calib_bits(bits, "GPTQ")
-    path, args, weights, tok, meta, tokens, load_s = load_calibration(path, calib_file, n_samples, seq_len, seed)
+    path, args, weights, tok, meta, tokens, load_s = o.load(path, calib_file)
     calib_model = Transformer(args, weights, calibration_factory())
     if bits == "ternary" and not group_size:
         fit = None  # one absmean scale per tensor, as BitNet b1.58
     else:
         fit = lambda k: engine._fit_group(k, group_size)  # noqa: E731
-    qts, stats = gptq_model_layers(calib_model, tokens, bits, fit, symmetric, act_order, block_size,
-                                   percdamp, progress)
+    qts, stats = gptq_model_layers(calib_model, tokens, bits, fit, o.symmetric, o.act_order, o.block_size,
+                                   o.percdamp, o.progress)
     del calib_model
-
-    cfg = engine.QuantConfig(bits=bits, group_size=group_size, head_bits=head_bits,
-                             head_group_size=head_group_size, embd_bits=embd_bits, mode=mode,
-                             symmetric=symmetric)
-    lm = build_quantized_model(path, args, weights, tok, meta, qts, cfg, n_threads, ctx, native)
-    lm.load_seconds = load_s
-    lm.quantize_seconds = stats["seconds"]
-    stats.update(method="gptq", act_order=act_order, n_samples=n_samples, seq_len=seq_len,
-                 calib_file=calib_file, percdamp=percdamp, block_size=block_size)
+    lm = o.build(path, args, weights, tok, meta, qts, bits, group_size, load_s, stats, method="gptq",
+                 act_order=o.act_order, calib_file=calib_file, percdamp=o.percdamp, block_size=o.block_size)
     lm.extra.update(gptq=stats)
     return lm

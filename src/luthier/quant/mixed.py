@@ -46,14 +46,13 @@ from .awq import (
 from .calibration import (
     DEFAULT_N_SAMPLES,
     DEFAULT_SEQ_LEN,
+    CalibOptions,
     HessianAccumulator,
     Progress,
     QuantizeGroup,
     _CalibLinear,
-    build_quantized_model,
     calibration_factory,
     calibration_tokens,
-    load_calibration,
     sequential_quantize,
     split_rows,
 )
@@ -286,49 +285,32 @@ def quantize_model_mixed(
     use_gptq: bool = True,
     sens_samples: int = DEFAULT_SENS_SAMPLES,
     sens_len: int = DEFAULT_SENS_LEN,
-    head_bits: Any = 4,
-    head_group_size: int = 32,
-    embd_bits: int | None = None,
-    symmetric: bool = False,
-    mode: str = "fast",
-    n_threads: int | None = None,
-    ctx: int | None = None,
-    native: bool = True,
-    act_order: bool = True,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    percdamp: float = DEFAULT_PERCDAMP,
     awq: bool = False,
-    seed: int = 0,
-    progress: Progress | None = None,
+    **options: Any,
 ):
     """Load a float model, choose bits per block linear (candidate_bits) from measured
     sensitivity so that their average bits per weight (scales and zeros counted) is at
     most bpw_budget, quantize them with those bits by sequential GPTQ (or RTN when not
     use_gptq) on `calib_file`, and return an engine.LoadedModel on the LUT kernels. Same
-    shape as calibration.quantize_model_gptq, bpw_budget in place of bits; the head is not
-    counted in the budget (head_bits as the other methods). awq: AWQ's scale search first in
+    shape as calibration.quantize_model_gptq (options: CalibOptions' fields), bpw_budget in
+    place of bits; the head is not counted in the budget. awq: AWQ's scale search first in
     each block, at each layer's chosen bits, folded into the norms as quantize_model_awq
     does (lm.extra["awq_weights"]: the float weights with the folded norms).
     lm.extra["mixed"]: the bits per layer, the achieved bits per weight, the sensitivities
     and the timings."""
     from .. import engine
 
-    path, args, weights, tok, meta, tokens, load_s = load_calibration(path, calib_file, n_samples, seq_len, seed)
+    o = CalibOptions(n_samples=n_samples, seq_len=seq_len, **options)
+    path, args, weights, tok, meta, tokens, load_s = o.load(path, calib_file)
     fit = lambda k: engine._fit_group(k, group_size)  # noqa: E731
     with open(calib_file, encoding="utf-8") as f:
-        sens_tokens = calibration_tokens(tok, f.read(), sens_samples, sens_len, seed + 1)
-    qts, stats = mixed_model_layers(args, weights, tokens, sens_tokens, bpw_budget, fit, candidate_bits, symmetric,
-                                    use_gptq, act_order, block_size, percdamp, progress, awq=awq)
+        sens_tokens = calibration_tokens(tok, f.read(), sens_samples, sens_len, o.seed + 1)
+    qts, stats = mixed_model_layers(args, weights, tokens, sens_tokens, bpw_budget, fit, candidate_bits, o.symmetric,
+                                    use_gptq, o.act_order, o.block_size, o.percdamp, o.progress, awq=awq)
     if awq:
         weights = fold_into_weights(args, weights, stats.pop("awq_scales"))
-    cfg = engine.QuantConfig(bits=max(qt.bits for qt in qts.values()), group_size=group_size, head_bits=head_bits,
-                             head_group_size=head_group_size, embd_bits=embd_bits, mode=mode,
-                             symmetric=symmetric)
-    lm = build_quantized_model(path, args, weights, tok, meta, qts, cfg, n_threads, ctx, native)
-    lm.load_seconds = load_s
-    lm.quantize_seconds = stats["seconds"]
-    stats.update(n_samples=n_samples, seq_len=seq_len, sens_samples=sens_samples, sens_len=sens_len,
-                 calib_file=calib_file)
+    lm = o.build(path, args, weights, tok, meta, qts, max(qt.bits for qt in qts.values()), group_size, load_s,
+                 stats, sens_samples=sens_samples, sens_len=sens_len, calib_file=calib_file)
     lm.extra.update(mixed=stats)
     if awq:
         lm.extra.update(awq_weights=weights)
