@@ -14,7 +14,7 @@ import json
 import os
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -78,6 +78,16 @@ class Server:
         if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
             raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
                            code="invalid_api_key")
+
+    async def generation_request(self, request: Request, parse: Callable[[dict, int, int], Any]) -> Any:
+        """A completion or chat request, authorized, parsed and checked against this model
+        and the queue's capacity (before tokenizing: a flood is turned away cheaply)."""
+        self.check_auth(request)
+        body = await self.read_json(request)
+        check_model(body, self.model_id)
+        req = parse(body, self.tok.vocab_size, self.n_ctx)
+        self.worker.check_capacity()
+        return req
 
     async def read_json(self, request: Request) -> dict:
         limit = self.max_body_bytes
@@ -210,12 +220,8 @@ class Server:
         return json_response({"content": text})
 
     async def completions(self, request: Request) -> Response:
-        self.check_auth(request)
-        body = await self.read_json(request)
-        check_model(body, self.model_id)
-        req = parse_completion(body, self.tok.vocab_size, self.n_ctx)
+        req = await self.generation_request(request, parse_completion)
         p = req.params
-        self.worker.check_capacity()  # before tokenizing: a flood is turned away cheaply
 
         def encode_all() -> tuple[list[list[int]], list[str]]:
             ids = [self.tok.encode(x) if isinstance(x, str) else list(x) for x in req.prompts]
@@ -277,12 +283,8 @@ class Server:
                    "system_fingerprint": self.fingerprint, "choices": [], "usage": usage(ptoks, ctoks)}
 
     async def chat(self, request: Request) -> Response:
-        self.check_auth(request)
-        body = await self.read_json(request)
-        check_model(body, self.model_id)
-        req = parse_chat(body, self.tok.vocab_size, self.n_ctx)
+        req = await self.generation_request(request, parse_chat)
         p = req.params
-        self.worker.check_capacity()  # before tokenizing: a flood is turned away cheaply
         ids = await self.tokenize(self.tok.encode_chat, req.messages)
         budget = self.context_check(ids, p.max_tokens, False, "messages")
         job = self.submit([ids], p, [budget], None)
