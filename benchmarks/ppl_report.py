@@ -93,7 +93,7 @@ def plot(rows: list[dict], path: str, max_ppl: float | None = None) -> None:
 
     tags = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(tags), figsize=(9 * len(tags), 6.5), squeeze=False)
-    markers = {"rtn": "o", "gptq": "s", "awq": "^", "awq+gptq": "v", "mixed": "D", "-": "o", "imatrix": "*"}
+    markers = {"rtn": "o", "gptq": "s", "awq": "^", "awq+gptq": "v", "mixed": "D", "awq+mixed": "P", "-": "o", "imatrix": "*"}
     for ax, tag in zip(axes[0], tags):
         rs = [r for r in rows if r["model"] == tag and math.isfinite(r["ppl"])]
         hidden = [r for r in rs if max_ppl is not None and r["ppl"] > max_ppl]
