@@ -169,7 +169,7 @@ def test_quantize_model_awq_builds_a_runnable_model(tmp_path, monkeypatch):
     lm = awq.quantize_model_awq(str(model_file), 4, 16, str(calib_file), n_samples=4, seq_len=16,
                                 n_threads=1, ctx=32, head_bits=16)
     assert lm.extra["awq"]["layers"] == 14 and lm.quant.bits == 4 and lm.quantize_seconds > 0
-    qts, folded = lm.extra["qtensors"], lm.extra["awq_weights"]
+    qts, folded = lm.extra["qtensors"], lm.extra["weights"]
     # the LUT model computes what the QTensors with the folded norms compute
     deq = Transformer(args, folded, lambda n, w: float_linear(n, qts[n].dequantize() if n in qts else w))
     toks = np.arange(10) % 40

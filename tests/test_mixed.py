@@ -171,7 +171,7 @@ def test_awq_mixed_searches_each_layer_at_its_own_bits(tmp_path, monkeypatch):
     args, wts, model_file, calib_file = mixed_inputs(tmp_path, monkeypatch)
     lm = mixed.quantize_model_mixed(str(model_file), 3.7, 32, str(calib_file), n_samples=4, seq_len=16,
                                     sens_samples=2, sens_len=12, n_threads=1, ctx=32, head_bits=16, awq=True)
-    m, qts, folded = lm.extra["mixed"], lm.extra["qtensors"], lm.extra["awq_weights"]
+    m, qts, folded = lm.extra["mixed"], lm.extra["qtensors"], lm.extra["weights"]
     assert m["method"] == "awq+mixed" and m["bpw"] <= 3.7 and len(set(m["bits"].values())) > 1
     assert set(m["awq_search"]) == {f"blk.{i}.{k}" for i in range(2) for k in ("qkv", "o", "ffn", "down")}
     assert not np.array_equal(folded["blk.0.attn_norm.weight"], wts["blk.0.attn_norm.weight"])

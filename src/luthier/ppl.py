@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .qfile import METHODS, MIXED_METHODS
+
 DEFINITION = """\
 1. Tokenize the whole text once, as llama.cpp does (common_tokenize(ctx, text, true)):
    BOS first when the model's tokenizer adds BOS; special-token text is not parsed;
@@ -200,7 +202,6 @@ def _uses_float_linear(lm: Any) -> bool:
     return any(isinstance(l, FloatLinear) for l in lm.extra.get("linears", []))
 
 
-METHODS = ("rtn", "gptq", "awq", "awq+gptq", "mixed", "awq+mixed")
 
 
 def quantize_calibrated(a: argparse.Namespace, progress: Callable[[int, int, str], None] | None = None):
@@ -218,7 +219,7 @@ def quantize_calibrated(a: argparse.Namespace, progress: Callable[[int, int, str
                   mode=a.mode, n_threads=a.threads, ctx=a.ctx,
                   act_order=a.act_order, percdamp=a.percdamp if a.percdamp is not None else DEFAULT_PERCDAMP,
                   native=getattr(a, "backend", "auto") != "numpy", progress=progress)
-    if a.method in ("mixed", "awq+mixed"):
+    if a.method in MIXED_METHODS:
         from .quant.mixed import parse_candidates, quantize_model_mixed
 
         if a.bpw_budget is None:

@@ -171,55 +171,6 @@ def write_quantized(out: str, src_path: str, args: Any, meta: dict, floats: dict
 # ----------------------------------------------------------------------------- quantizing
 
 
-def _gptq_linears(args, weights, tok, quant, calib: dict, progress) -> dict[str, Any]:
-    """Block linears by sequential GPTQ (quant.calibration), as `ppl --method gptq` does;
-    the head by engine.make_linear."""
-    from . import engine
-    from .kernels import QLinear
-    from .models import Transformer
-    from .quant.calibration import calibration_factory, calibration_tokens, gptq_model_layers
-
-    with open(calib["file"], encoding="utf-8") as f:
-        text = f.read()
-    tokens = calibration_tokens(tok, text, calib["samples"], calib["len"], calib.get("seed", 0))
-    model = Transformer(args, weights, calibration_factory())
-    qts, _ = gptq_model_layers(model, tokens, quant.bits, lambda k: engine._fit_group(k, quant.group_size),
-                               quant.symmetric, calib.get("act_order", True), percdamp=calib["percdamp"],
-                               progress=progress)
-    out = {name: QLinear(qt, mode=quant.mode) for name, qt in qts.items()}
-    head = "output.weight" if "output.weight" in weights else "token_embd.weight"  # tied or not
-    out[head] = engine.make_linear(weights[head], quant.head_bits, quant.head_group_size, quant, 1)
-    return out
-
-
-def _mixed_linears(args, weights, tok, quant, calib: dict, progress, awq: bool = False) -> tuple[dict[str, Any], dict]:
-    """Block linears with bits and group size per layer under a bits-per-weight budget
-    (quant/mixed.py), as `ppl --method mixed` does; the head by engine.make_linear.
-    Returns (linears, the float weights: with AWQ's scales folded in when awq)."""
-    from . import engine
-    from .kernels import QLinear
-    from .quant.awq import fold_into_weights
-    from .quant.calibration import calibration_tokens
-    from .quant.mixed import DEFAULT_SENS_LEN, DEFAULT_SENS_SAMPLES, mixed_model_layers, parse_candidates
-
-    with open(calib["file"], encoding="utf-8") as f:
-        text = f.read()
-    seed = calib.get("seed", 0)
-    tokens = calibration_tokens(tok, text, calib["samples"], calib["len"], seed)
-    sens_tokens = calibration_tokens(tok, text, DEFAULT_SENS_SAMPLES, DEFAULT_SENS_LEN, seed + 1)
-    qts, stats = mixed_model_layers(args, weights, tokens, sens_tokens, calib["budget"],
-                                    lambda k: engine._fit_group(k, quant.group_size),
-                                    parse_candidates(calib.get("candidates") or "2,3,4"), quant.symmetric,
-                                    act_order=calib.get("act_order", True), percdamp=calib["percdamp"],
-                                    progress=progress, awq=awq)
-    if awq:
-        weights = fold_into_weights(args, weights, stats["awq_scales"])
-    out = {name: QLinear(qt, mode=quant.mode) for name, qt in qts.items()}
-    head = "output.weight" if "output.weight" in weights else "token_embd.weight"  # tied or not
-    out[head] = engine.make_linear(weights[head], quant.head_bits, quant.head_group_size, quant, 1)
-    return out, weights
-
-
 METHODS = ("rtn", "gptq", "awq", "awq+gptq", "mixed", "awq+mixed")
 MIXED_METHODS = ("mixed", "awq+mixed")
 
@@ -245,18 +196,31 @@ def _rtn_linears(args: Any, weights: dict, quant: Any, progress: Progress | None
     return linears
 
 
-def _awq_linears(path: str, quant: Any, calib: dict, use_gptq: bool) -> tuple[Any, dict, dict, dict]:
-    """AWQ (quant/awq.py): its per-channel scales are folded into the norms and v rows, so
-    the file stores those folded float weights next to the quantized linears."""
+def _calibrated_linears(path: str, method: str, quant: Any, calib: dict,
+                        progress: Progress | None) -> tuple[Any, dict, dict, dict]:
+    """A calibrated method's model, built by the same quant/ function `ppl --method` calls:
+    (ModelArgs, the float weights its linears expect, e.g. with AWQ's scales folded into the
+    norms, metadata, linears by name: the block QTensors packed, the head by make_linear)."""
     from . import engine
     from .kernels import QLinear
     from .quant.awq import quantize_model_awq
+    from .quant.calibration import quantize_model_gptq
+    from .quant.mixed import parse_candidates, quantize_model_mixed
 
-    lm = quantize_model_awq(path, quant.bits, quant.group_size, calib["file"], n_samples=calib["samples"],
-                            seq_len=calib["len"], head_bits=quant.head_bits, head_group_size=quant.head_group_size,
-                            symmetric=quant.symmetric, mode=quant.mode, native=False, use_gptq=use_gptq,
-                            act_order=calib.get("act_order", True), percdamp=calib["percdamp"])
-    weights = lm.extra["awq_weights"]  # folded: what the quantized linears expect as inputs
+    opts = dict(n_samples=calib["samples"], seq_len=calib["len"], head_bits=quant.head_bits,
+                head_group_size=quant.head_group_size, symmetric=quant.symmetric, mode=quant.mode, native=False,
+                act_order=calib.get("act_order", True), percdamp=calib["percdamp"], seed=calib.get("seed", 0),
+                progress=progress)
+    if method in MIXED_METHODS:
+        lm = quantize_model_mixed(path, calib["budget"], quant.group_size, calib["file"],
+                                  candidate_bits=parse_candidates(calib.get("candidates") or "2,3,4"),
+                                  awq=method == "awq+mixed", **opts)
+    elif method == "gptq":
+        lm = quantize_model_gptq(path, quant.bits, quant.group_size, calib["file"], **opts)
+    else:
+        lm = quantize_model_awq(path, quant.bits, quant.group_size, calib["file"], use_gptq=method == "awq+gptq",
+                                **opts)
+    weights = lm.extra["weights"]
     linears = {name: QLinear(qt, mode=quant.mode) for name, qt in lm.extra["qtensors"].items()}
     head = "output.weight" if "output.weight" in weights else "token_embd.weight"  # tied or not
     linears[head] = engine.make_linear(weights[head], quant.head_bits, quant.head_group_size, quant, 1)
@@ -281,16 +245,11 @@ def quantize_to_file(model: str | None, out: str, quant: Any, method: str = "rtn
     out = check_output(out, force)  # before the slow part
     path = engine.resolve_model_path(model)
     t0 = time.perf_counter()
-    if method in ("awq", "awq+gptq"):  # AWQ reads the model itself and folds its scales into it
-        args, weights, meta, linears = _awq_linears(path, quant, calib or {}, method == "awq+gptq")
-    else:
-        args, weights, tok, meta = engine.read_float_model(path, progress)
-        if method == "gptq":
-            linears = _gptq_linears(args, weights, tok, quant, calib or {}, progress)
-        elif method in MIXED_METHODS:
-            linears, weights = _mixed_linears(args, weights, tok, quant, calib or {}, progress, method == "awq+mixed")
-        else:
-            linears = _rtn_linears(args, weights, quant, progress)
+    if method == "rtn":
+        args, weights, _, meta = engine.read_float_model(path, progress)
+        linears = _rtn_linears(args, weights, quant, progress)
+    else:  # the calibrated methods read the model themselves
+        args, weights, meta, linears = _calibrated_linears(path, method, quant, calib or {}, progress)
     t_quant = time.perf_counter() - t0
     floats = {n: w for n, w in weights.items() if n not in linears or n == "token_embd.weight"}
     info = dict(bits=quant.bits, group_size=quant.group_size, head_bits=quant.head_bits,

@@ -441,8 +441,8 @@ def quantize_model_awq(
     GPTQ when use_gptq) on `calib_file`, and return an engine.LoadedModel running them on
     the LUT kernels, the scales folded into its norm vectors and v/up rows (no run-time
     cost). Same shape as calibration.quantize_model_gptq (options: CalibOptions' fields);
-    lm.extra["awq"] holds the stats, lm.extra["awq_weights"] the float weights with the
-    folded norms."""
+    lm.extra["awq"] holds the stats, lm.extra["weights"] the float weights with the folded
+    norms."""
     from .. import engine
     from ..models import Transformer
 
@@ -460,5 +460,5 @@ def quantize_model_awq(
     lm = o.build(path, args, folded, tok, meta, qts, bits, group_size, load_s, stats,
                  method="awq+gptq" if use_gptq else "awq", calib_file=calib_file, grid=grid, duo=duo,
                  clip=clip and not use_gptq, search_samples=search_samples)
-    lm.extra.update(awq=stats, awq_scales=scales, awq_weights=folded)
+    lm.extra.update(awq=stats, awq_scales=scales)
     return lm

@@ -314,7 +314,8 @@ def build_quantized_model(
 ):
     """An engine.LoadedModel whose block linears run the given QTensors on the LUT kernels
     (the output head quantized as engine.load_model does, cfg.head_bits); `weights` gives
-    everything else (norms, biases, embeddings), e.g. with AWQ's scales folded in."""
+    everything else (norms, biases, embeddings), e.g. with AWQ's scales folded in;
+    lm.extra["weights"] keeps them (a file stores them beside the codes)."""
     from .. import engine
     from ..kernels import QLinear
     from ..models import Transformer
@@ -341,7 +342,7 @@ def build_quantized_model(
         runner = NativeModel(model, n_ctx, n_threads, cfg.mode)
     lm = engine.LoadedModel(path, args, runner, tok, meta, cfg, n_threads)
     lm.linear_bytes = int(sum(getattr(l, "nbytes", 0) for l in linears))
-    lm.extra.update(linears=linears, ctx=n_ctx, reference=model, qtensors=qts)
+    lm.extra.update(linears=linears, ctx=n_ctx, reference=model, qtensors=qts, weights=weights)
     return lm
 
 

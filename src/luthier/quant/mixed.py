@@ -295,7 +295,7 @@ def quantize_model_mixed(
     shape as calibration.quantize_model_gptq (options: CalibOptions' fields), bpw_budget in
     place of bits; the head is not counted in the budget. awq: AWQ's scale search first in
     each block, at each layer's chosen bits, folded into the norms as quantize_model_awq
-    does (lm.extra["awq_weights"]: the float weights with the folded norms).
+    does (lm.extra["weights"]: the float weights with the folded norms).
     lm.extra["mixed"]: the bits per layer, the achieved bits per weight, the sensitivities
     and the timings."""
     from .. import engine
@@ -312,8 +312,6 @@ def quantize_model_mixed(
     lm = o.build(path, args, weights, tok, meta, qts, max(qt.bits for qt in qts.values()), group_size, load_s,
                  stats, sens_samples=sens_samples, sens_len=sens_len, calib_file=calib_file)
     lm.extra.update(mixed=stats)
-    if awq:
-        lm.extra.update(awq_weights=weights)
     return lm
 
 
