@@ -53,6 +53,7 @@ ROOT = os.path.dirname(HERE)
 DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 DEFAULT_TEXT = os.path.join(DATA, "wikitext2_test.txt")
 DEFAULT_CALIB = os.path.join(DATA, "tinyshakespeare.txt")
+DEFAULT_CALIB_CHUNKS = 32  # llama-imatrix chunks of 512: luthier's 32 x 512 calibration tokens
 DEFAULT_LLAMA_BIN = "/work/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin"
 sys.path.insert(0, HERE)
 from bench_kernels import git_commit  # noqa: E402
@@ -479,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", "-t", type=int, default=2)
     p.add_argument("--text", default=DEFAULT_TEXT, help="evaluation text (default WikiText-2 test)")
     p.add_argument("--calib", default=DEFAULT_CALIB, help="calibration text (GPTQ, AWQ, mixed, llama-imatrix)")
-    p.add_argument("--calib-chunks", type=int, default=32,
+    p.add_argument("--calib-chunks", type=int, default=DEFAULT_CALIB_CHUNKS,
                    help="llama-imatrix chunks of 512 tokens (default 32 = luthier's 32 x 512 calibration tokens)")
     p.add_argument("--llama-bin", default=DEFAULT_LLAMA_BIN, help="folder of llama-quantize, llama-perplexity, llama-imatrix")
     p.add_argument("--llama-python", action="store_true",
@@ -512,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         tag, src = resolve_model(spec)
         b = Bench(a, tag, src)
         for cfg in configs:
-            calib = "" if (a.calib, a.calib_chunks) == (os.path.abspath(DEFAULT_CALIB), 32) else f"|{a.calib}|{a.calib_chunks}"
+            calib = "" if (a.calib, a.calib_chunks) == (os.path.abspath(DEFAULT_CALIB), DEFAULT_CALIB_CHUNKS) else f"|{a.calib}|{a.calib_chunks}"
             key = hashlib.sha1(f"{tag}|{os.path.getsize(src)}|{cfg}|{a.chunks}|{a.ctx}|{a.text}{calib}".encode()).hexdigest()[:10]
             cpath = os.path.join(a.cache, f"{tag}__{cfg.replace(':', '_').replace('+', 'p')}__c{a.chunks}_ctx{a.ctx}_{key}.json")
             if os.path.isfile(cpath) and not a.force:
