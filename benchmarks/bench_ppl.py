@@ -1,8 +1,8 @@
 """Perplexity against size: luthier's quantizers and llama.cpp's types on the same text.
 
 Both engines start from the SAME float GGUF: `luthier convert MODEL --to f16` writes it,
-luthier quantizes it (`luthier quantize`, or `luthier ppl --method ...` for the methods
-that have no file writer yet) and llama.cpp quantizes it with `llama-quantize`
+luthier quantizes it (`luthier quantize`: every row is evaluated from the file it wrote)
+and llama.cpp quantizes it with `llama-quantize`
 (IQ2_XXS with an imatrix from `llama-imatrix` on the calibration text). Perplexity is
 `luthier ppl` and `llama-perplexity` (the same definition: non-overlapping windows of
 --ctx tokens, second half of each scored) on the first --chunks windows of --text.
@@ -21,10 +21,11 @@ column shows which types the blocks really got.
     python benchmarks/bench_ppl.py --list                                    # config names
 
 Config names: `luthier:f16` (the float source, --bits 16), `luthier:source` (the original
-file unconverted, --bits 16), `luthier:w{B}g{G}:{rtn|gptq|awq|awq+gptq}`,
+file unconverted, --bits 16), `luthier:w{B}g{G}:{rtn|gptq|awq|awq+gptq}` (B 1-6),
 `luthier:tg{G}:{rtn|gptq}` (ternary), `luthier:mixed{BPW}g{G}[:{CANDIDATES}]` (bits per
 layer under a budget; candidates as `ppl --mixed-bits` with + for commas, e.g.
-`luthier:mixed4.2g128:3g128+4g128+4g64+4g32`; `awqmixed...` for `--method awq+mixed`), `llama:{F16|Q8_0|Q6_K|Q5_K_M|Q4_K_M|Q4_0|Q3_K_S|Q2_K|IQ2_XXS|...}` (types whose
+`luthier:mixed4.2g128:3g128+4g128+4g64+4g32`; `awqmixed...` for `--method awq+mixed`),
+`llama:{F16|Q8_0|Q6_K|Q5_K_M|Q4_K_M|Q4_0|Q3_K_S|Q2_K|IQ2_XXS|...}` (types whose
 name starts with IQ1/IQ2 get the imatrix; append `+imat` to any other type to give it
 one too). Finished rows are cached as one JSON each under --cache (key: model, config,
 chunks, ctx, and the calibration when it is not the default), so a rerun only computes
@@ -176,7 +177,7 @@ def parse_luthier(cfg: str) -> dict:
     body = cfg.split(":", 1)[1]
     if body in ("f16", "source"):
         return dict(kind=body)
-    m = re.fullmatch(r"w([1-4])g(\d+):(rtn|gptq|awq|awq\+gptq)", body)
+    m = re.fullmatch(r"w([1-6])g(\d+):(rtn|gptq|awq|awq\+gptq)", body)
     if m:
         return dict(kind="q", bits=m.group(1), group=int(m.group(2)), method=m.group(3))
     m = re.fullmatch(r"tg(\d+):(rtn|gptq)", body)
@@ -288,13 +289,18 @@ class Bench:
             raise SystemExit(f"unknown engine in {cfg!r}")
         return base
 
-    def luthier_file(self, bits: str, group: int, method: str, name: str) -> tuple[str, dict, list[str]]:
-        """A quantized luthier file (kept in the work folder), its stats, and the command."""
+    def luthier_file(self, c: dict, name: str) -> tuple[str, dict, list[str]]:
+        """The file `luthier quantize` writes for config c (kept in the work folder), its
+        stats, and the command."""
         a = self.a
         out = os.path.join(self.files, f"{name}.gguf")
-        cmd = luthier_cmd() + ["quantize", self.f16(), "--bits", str(bits), "--group-size", str(group),
-                               "--method", method, "-o", out, "--force"]
-        if method != "rtn":
+        cmd = luthier_cmd() + ["quantize", self.f16(), "--group-size", str(c["group"]), "--method", c["method"],
+                               "-o", out, "--force"]
+        if c["kind"] == "mixed":
+            cmd += ["--bpw-budget", str(c["budget"])] + (["--mixed-bits", c["candidates"]] if c["candidates"] else [])
+        else:
+            cmd += ["--bits", str(c["bits"])]
+        if c["method"] != "rtn":
             cmd += ["--calib", a.calib]
         st_path = out + ".json"
         if os.path.isfile(out) and os.path.isfile(st_path) and not a.force:  # --force: the code may have changed
@@ -320,58 +326,21 @@ class Bench:
         bits, group, method = c.get("bits"), c["group"], c["method"]
         label = ("ternary" if bits == "ternary" else f"W{bits}") + f" g{group} {method.upper()}" \
             if c["kind"] == "q" else f"{'AWQ+' if method == 'awq+mixed' else ''}mixed {c['budget']} g{group}" + (f" ({c['candidates']})" if c["candidates"] else "")
-        has_file = c["kind"] == "q" and not (bits == "ternary" and method != "rtn")
-        if has_file:
-            path, qst, qcmd = self.luthier_file(bits, group, method, name)
-            st = block_linear_stats(path)
-            ppl, _, dt = self.luthier_ppl(path, [], name)
-            if qst.get("reported_bpw") is not None and abs(qst["reported_bpw"] - st["bpw"]) > 2e-3:
-                log(f"warning: {cfg}: quantize reported {qst['reported_bpw']:.4f} bits/weight, file has {st['bpw']:.4f}")
-            return dict(method=method, label=label, ppl=ppl, bpw=st["bpw"], block_bytes=st["block_bytes"],
-                        block_elements=st["block_elements"], file_bytes=st["file_bytes"], file_bytes_estimated=False,
-                        types=st["types"], quant_seconds=qst["quantize_seconds"], quant_wall_seconds=qst["wall_seconds"],
-                        quant_cpu_seconds=qst.get("cpu_seconds"),
-                        ppl_seconds=dt, commands=[shlex.join(["luthier"] + qcmd[3:]),
-                                                  shlex.join(["luthier", "ppl", path, "--text", a.text, "--ctx",
-                                                              str(a.ctx), "--chunks", str(a.chunks), "-t", str(a.threads)])])
-        # no file writer for this method: `luthier ppl --method` quantizes in memory. Bytes: the
-        # packed layout is fixed by bits and group, so the RTN file of the same bits and group
-        # has exactly the bytes (mixed: the bits/weight it reports, scales and zeros counted).
-        extra = ["--method", method, "--calib", a.calib, "--group-size", str(group)]
-        if c["kind"] == "mixed":
-            extra += ["--bpw-budget", str(c["budget"])]
-            if c["candidates"]:
-                extra += ["--mixed-bits", c["candidates"]]
-            ref_bits = "4"
-        else:
-            extra += ["--bits", str(bits)]
-            ref_bits = bits
-        ref_name = f"{self.tag}_luthier_{'t' if ref_bits == 'ternary' else 'w' + str(ref_bits)}g{group}_rtn"
-        if ref_bits == "ternary":
-            ref_name = f"{self.tag}_luthier_tg{group}_rtn"
-        ref_path, _, _ = self.luthier_file(ref_bits, group, "rtn", ref_name)
-        ref = block_linear_stats(ref_path)
-        ppl, out, dt = self.luthier_ppl(self.f16(), extra, name)
-        qsec = None
-        m = re.search(r"^(?:gptq|awq|awq\+gptq): \d+ layers in ([0-9.]+) s", out, re.M)
-        if m:
-            qsec = float(m.group(1))
-        if c["kind"] == "mixed":
-            mm = re.search(r"^(?:awq\+)?mixed: .*?([0-9.]+) bits/weight .*?; ([0-9.]+) s", out, re.M)
-            if not mm:
-                raise RuntimeError(f"no mixed summary in:\n{out[-2000:]}")
-            bpw, qsec = float(mm.group(1)), float(mm.group(2))
-            block_bytes = bpw * ref["block_elements"] / 8
-            types = {"mixed": 1}
-            summary = mm.group(0)
-        else:
-            bpw, block_bytes, types, summary = ref["bpw"], ref["block_bytes"], ref["types"], m.group(0) if m else ""
-        file_bytes = ref["file_bytes"] - ref["block_bytes"] + block_bytes
-        return dict(method=method, label=label, ppl=ppl, bpw=bpw, block_bytes=int(block_bytes),
-                    block_elements=ref["block_elements"], file_bytes=int(file_bytes), file_bytes_estimated=True,
-                    types=types, quant_seconds=qsec, ppl_seconds=dt, ppl_cpu_seconds=LAST_CPU[0], summary=summary,
-                    commands=[shlex.join(["luthier", "ppl", self.f16(), "--text", a.text, "--ctx", str(a.ctx),
-                                          "--chunks", str(a.chunks), "-t", str(a.threads)] + extra)])
+        # every method writes its file (`luthier quantize`), evaluated as stored: the bytes
+        # and bits per weight are the file's own (rows cached before this held an estimate
+        # for mixed and calibrated ternary: file_bytes_estimated)
+        path, qst, qcmd = self.luthier_file(c, name)
+        st = block_linear_stats(path)
+        ppl, _, dt = self.luthier_ppl(path, [], name)
+        if qst.get("reported_bpw") is not None and abs(qst["reported_bpw"] - st["bpw"]) > 2e-3:
+            log(f"warning: {cfg}: quantize reported {qst['reported_bpw']:.4f} bits/weight, file has {st['bpw']:.4f}")
+        return dict(method=method, label=label, ppl=ppl, bpw=st["bpw"], block_bytes=st["block_bytes"],
+                    block_elements=st["block_elements"], file_bytes=st["file_bytes"], file_bytes_estimated=False,
+                    types=st["types"], quant_seconds=qst["quantize_seconds"], quant_wall_seconds=qst["wall_seconds"],
+                    quant_cpu_seconds=qst.get("cpu_seconds"),
+                    ppl_seconds=dt, commands=[shlex.join(["luthier"] + qcmd[3:]),
+                                              shlex.join(["luthier", "ppl", path, "--text", a.text, "--ctx",
+                                                          str(a.ctx), "--chunks", str(a.chunks), "-t", str(a.threads)])])
 
     def llama_quantize(self, qtype: str, out: str, imatrix: str | None) -> tuple[float, list[str]]:
         exe = self.llama_bin("llama-quantize")

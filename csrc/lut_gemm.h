@@ -2,8 +2,8 @@
 //
 // Formula (letters fixed everywhere): y[m, n] = sum_k x[m, k] * w[n, k]
 //   m = tokens, n = output features, k = input features.
-// Weights are a QTensor: codes q[n, k] in [0, 2^bits), fp16 scales s[n, G] and optional
-// fp16 zeros z[n, G] per group of `group_size` along k (G = ceil(k / group_size)):
+// Weights are a QTensor: codes q[n, k] in [0, 2^bits), bits 1-6 (kMaxBits), fp16 scales
+// s[n, G] and optional fp16 zeros z[n, G] per group of `group_size` along k (G = ceil(k / group_size)):
 //   w[n, k] = s[n, G(k)] * (q[n, k] - z[n, G(k)])
 // Without zeros, z is the symmetric constant `zero_default(bits)` (2^(bits-1), or 0.5 for
 // bits = 1). Ternary is bits = 2 with codes {0, 1, 2} and z = 1.
@@ -27,9 +27,9 @@
 // kp = G * gsp; codes past k are zero (their activations are zero-padded too).
 // A kgroup pair (8 activations, kgroups 2p and 2p+1) of one tile holds `bits` vectors of
 // 32 bytes; each byte carries kgroup 2p's index in its low nibble, 2p+1's in its high.
-//   planes (0,1) and (2,3) as pairs: two vectors each, for rows 0-15 and 16-31:
+//   planes (0,1), (2,3), (4,5) as pairs: two vectors each, for rows 0-15 and 16-31:
 //       byte 2w + t = row (half * 16 + w), plane (pair_base + t)
-//   a last odd plane (bits 1 or 3): one vector: byte 2w + h = row (h * 16 + w)
+//   a last odd plane (bits 1, 3 or 5): one vector: byte 2w + h = row (h * 16 + w)
 // so `vpmaddubsw` with per-byte weights (2^i, 2^(i+1)) combines two planes and widens to
 // int16 in one instruction, word w of the result being row w (or 16 + w).
 // weights: uint8 [n_tiles][G][gsp / 8][bits][32]
@@ -50,6 +50,7 @@
 namespace luthier {
 
 constexpr int kNR = 32;          // rows per tile
+constexpr int kMaxBits = 6;      // widest codes: 6 planes (7 would overflow the int16 sums)
 constexpr int kG = 4;            // activations per table
 constexpr int kTableBytes = 16;  // entries per table
 

@@ -7,6 +7,7 @@
 //   2. vpshufb each against its kgroup's 16-byte table (broadcast to both lanes).
 //   3. vpmaddubsw with per-byte plane weights (2^i, 2^(i+1)) combines two bit planes of a
 //      row and widens to int16 in one instruction (word w = row w of the half-tile).
+//      Bits 1-6: the pairs (0,1), (2,3), (4,5); 6 planes still fit 2 kgroups in int16.
 //   4. Sum int16 for as many kgroups as cannot overflow (kFlush), then widen to int32.
 //   5. At the group end: y += s * (0.5 * ts * L + (cb - z) * S) in float.
 // EXACT mode does 2-4 twice: low bytes (u8 operand) and high bytes (added << 8).
@@ -70,7 +71,7 @@ void tile_tokens(const GemmArgs& a, int64_t t, int64_t mi) {
   const int64_t pairs = ps.gsp / 8;
   const float cb = 0.5f * float((1 << B) - 1);
   const __m256i m4 = _mm256_set1_epi8(0x0F);
-  const __m256i cw01 = pair_weights(0), cw23 = pair_weights(2);
+  const __m256i cw01 = pair_weights(0), cw23 = pair_weights(2), cw45 = pair_weights(4);
   // last odd plane: (2^i, 0) -> rows 0-15, (0, 2^i) -> rows 16-31
   const __m256i ce = _mm256_set1_epi16(int16_t(1 << (B - 1)));
   const __m256i co = _mm256_set1_epi16(int16_t((1 << (B - 1)) << 8));
@@ -97,10 +98,11 @@ void tile_tokens(const GemmArgs& a, int64_t t, int64_t mi) {
         // the weight stream is the only thing that should touch memory: fetch ahead
         _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch), _MM_HINT_T0);
         if (kPairBytes > 64) _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch + 64), _MM_HINT_T0);
+        if (kPairBytes > 128) _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetch + 128), _MM_HINT_T0);
         // vector q of the pair: which weights and which half-tile accumulator it feeds
         auto vec_weights = [&](int q, bool second) {
           if ((B & 1) && q == B - 1) return second ? co : ce;  // last odd plane
-          return q < 2 ? cw01 : cw23;
+          return q < 2 ? cw01 : q < 4 ? cw23 : cw45;
         };
         // step 1: load and split each plane vector once; steps 2-3 for every token
         for (int q = 0; q < B; ++q) {
@@ -214,7 +216,11 @@ void lut_gemm_avx2(const GemmArgs& a, int64_t t0, int64_t t1, int64_t m0, int64_
     case 6: return run<3, false>(a, t0, t1, m0, m1);
     case 7: return run<3, true>(a, t0, t1, m0, m1);
     case 8: return run<4, false>(a, t0, t1, m0, m1);
-    default: return run<4, true>(a, t0, t1, m0, m1);
+    case 9: return run<4, true>(a, t0, t1, m0, m1);
+    case 10: return run<5, false>(a, t0, t1, m0, m1);
+    case 11: return run<5, true>(a, t0, t1, m0, m1);
+    case 12: return run<6, false>(a, t0, t1, m0, m1);
+    default: return run<6, true>(a, t0, t1, m0, m1);
   }
 }
 

@@ -18,7 +18,7 @@ void lut_gemm_generic(const GemmArgs& a, int64_t tile_begin, int64_t tile_end,
   const float cb = 0.5f * float((1 << bits) - 1);
 
   // Where each (row, plane) lives inside a kgroup pair: the inverse of pack.cpp's walk.
-  int off[kNR][4];
+  int off[kNR][kMaxBits];
   for (int r = 0; r < kNR; ++r)
     for (int p = 0; p < bits; ++p) {
       const int base = p & ~1;

@@ -261,6 +261,9 @@ void run(const GemmArgs& a, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
 }  // namespace
 
 void lut_gemm_neon(const GemmArgs& a, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
+  // 5- and 6-bit codes run on the portable kernel: this one is written for up to 4 planes
+  // and there is no ARM machine here to test a wider one on.
+  if (a.ps->bits > 4) return lut_gemm_generic(a, t0, t1, m0, m1);
   const bool exact = a.ts->mode == TableMode::kExact;
   switch (a.ps->bits * 2 + (exact ? 1 : 0)) {
     case 2: return run<1, false>(a, t0, t1, m0, m1);

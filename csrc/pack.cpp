@@ -11,7 +11,7 @@ namespace luthier {
 
 PackedShape packed_shape(int64_t n, int64_t k, int bits, int group_size) {
   if (n <= 0 || k <= 0) throw std::invalid_argument("n and k must be positive");
-  if (bits < 1 || bits > 4) throw std::invalid_argument("bits must be 1, 2, 3 or 4");
+  if (bits < 1 || bits > kMaxBits) throw std::invalid_argument("bits must be 1 to " + std::to_string(kMaxBits));
   if (group_size <= 0) throw std::invalid_argument("group_size must be positive");
   if (group_size != k && group_size % 8 != 0)
     throw std::invalid_argument("group_size must be a multiple of 8, or equal to k (got " +
@@ -57,7 +57,7 @@ void pack_weights(const PackedShape& ps, const uint8_t* codes, const uint16_t* s
   const int64_t pairs = ps.gsp / 8;
   const int bits = ps.bits;
   const size_t pair_bytes = size_t(bits) * 32;
-  int off[kNR][4];  // byte of (row, plane) inside a kgroup pair
+  int off[kNR][kMaxBits];  // byte of (row, plane) inside a kgroup pair
   for (int r = 0; r < kNR; ++r)
     for (int pl = 0; pl < bits; ++pl) off[r][pl] = byte_in_pair(bits, r, pl);
   std::memset(w_out, 0, ps.weight_bytes());

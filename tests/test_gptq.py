@@ -17,7 +17,7 @@ from luthier.quant.gptq import HessianAccumulator, gptq_quantize
 # GPTQ's output error ||X W^T - X Wq^T|| on the synthetic correlated layer below, at most
 # this fraction of round-to-nearest's with the same grid. Measured 0.22-0.33 over every
 # bits / group / symmetric / act-order case; the bound leaves a wide margin.
-GPTQ_OVER_RTN_MAX = {2: 0.5, 3: 0.5, 4: 0.5}
+GPTQ_OVER_RTN_MAX = {2: 0.5, 3: 0.5, 4: 0.5, 5: 0.5, 6: 0.5}
 N_OUT, K_IN, N_ROWS = 64, 256, 1024
 # ternary GPTQ's output error over plain absmean ternary's on the same layer: measured
 # 0.40-0.61 over group 64 / 128 / per tensor, with and without act-order.
@@ -71,7 +71,7 @@ def test_hessian_accumulation_equals_batch_formula():
 
 
 # ------------------------------------------------------------------------ GPTQ vs RTN
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6])
 @pytest.mark.parametrize("group_size", [32, 64, 128, K_IN])
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("act_order", [False, True])
@@ -83,7 +83,7 @@ def test_gptq_output_error_below_rtn(layer, bits, group_size, symmetric, act_ord
     assert ratio < GPTQ_OVER_RTN_MAX[bits]
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_identity_hessian_gives_rtn(bits, symmetric):
     # H = c I: no correlation to exploit, the error feedback is zero, GPTQ is RTN
@@ -97,7 +97,7 @@ def test_identity_hessian_gives_rtn(bits, symmetric):
             np.testing.assert_array_equal(qt.zeros, rtn.zeros)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_clip_search_rounds_each_group_no_worse_than_rtn(bits, symmetric):
     """With H = diag(d) there is no error feedback: each group is rounded on its own grid,
@@ -116,7 +116,8 @@ def test_clip_search_rounds_each_group_no_worse_than_rtn(bits, symmetric):
 
     e_clip, e_rtn = row_err(qt), row_err(rtn)
     assert np.all(e_clip <= e_rtn * (1 + 1e-6))
-    assert (e_clip < 0.99 * e_rtn).mean() > 0.2
+    # finer grids gain less from clipping: at 6 bits asymmetric 15% of rows gain 1% or more
+    assert (e_clip < 0.99 * e_rtn).mean() > (0.2 if bits <= 4 else 0.1)
     assert np.all(qt.scales.astype(np.float32) <= rtn.scales.astype(np.float32))
 
 

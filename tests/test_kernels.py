@@ -22,7 +22,7 @@ FAST_VS_FLOAT_1BIT_ZEROS = 0.1
 EXACT_VS_FLOAT = 0.01  # exact mode vs float x: int8 activations
 
 ISAS = kernels.available_isas()
-BITS = [1, 2, 3, 4, "ternary"]
+BITS = [1, 2, 3, 4, 5, 6, "ternary"]
 # n and k in odd and edge sizes: 1, 3, 17, 33, 127, 129 granules of 8 columns / 1 row
 SIZES_N = [1, 3, 17, 33, 127, 129]
 SIZES_K = [8, 24, 136, 264, 1016, 1032]
@@ -108,9 +108,10 @@ def test_simd_equals_generic_large(bits, mode):
 
 
 def test_extreme_activations_do_not_overflow():
-    # all-equal maximal activations and all-ones codes: every lookup at +-127 (or 508)
+    # all-equal maximal activations and all-ones codes: every lookup at +-127 (or 508), so
+    # each int16 flush holds the most kgroups its bound allows (6 planes: 2 kgroups)
     n, k = 32, 4096
-    for bits in (1, 2, 3, 4):
+    for bits in (1, 2, 3, 4, 5, 6):
         qt = QTensor(np.full((n, k), (1 << bits) - 1, np.uint8), np.ones((n, 1), np.float16),
                      None, bits, k)
         pw = kernels.pack(qt)
@@ -183,7 +184,7 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="not available"):
         kernels.lut_linear(np.ones((1, 64), np.float32), pw, isa="sve9")
     with pytest.raises(ValueError, match="bits"):
-        QTensor(qt.codes, qt.scales, None, 5, 32)
+        QTensor(qt.codes, qt.scales, None, 7, 32)
     with pytest.raises(ValueError, match="group_size"):
         quantize_rtn(np.ones((4, 64), np.float32), 4, 12)
     with pytest.raises(ValueError, match="range"):

@@ -133,7 +133,8 @@ def test_ppl_command_mixed_needs_budget(tmp_path, monkeypatch, capsys):
 def test_candidates_parse_bits_and_bits_with_groups():
     assert mixed.parse_candidates("2,3,4") == (2, 3, 4)
     assert mixed.parse_candidates("3g128, 4G32,4") == ((3, 128), (4, 32), 4)
-    for bad in ("5", "4g0", "4gx", "", "g32"):
+    assert mixed.parse_candidates("5g64,6") == ((5, 64), 6)
+    for bad in ("7", "8g32", "4g0", "4gx", "", "g32"):
         with pytest.raises(ValueError, match="mixed candidates"):
             mixed.parse_candidates(bad)
 

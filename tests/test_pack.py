@@ -10,7 +10,7 @@ from luthier.quant import QTensor
 
 @st.composite
 def qtensors(draw):
-    bits = draw(st.sampled_from([1, 2, 3, 4, "ternary"]))
+    bits = draw(st.sampled_from([1, 2, 3, 4, 5, 6, "ternary"]))
     n = draw(st.integers(1, 70))
     gs_choice = draw(st.sampled_from([8, 16, 32, 64, 128, 256, "k"]))
     k = draw(st.integers(1, 300)) if gs_choice == "k" else draw(st.integers(1, 5)) * gs_choice - draw(st.integers(0, 7))
@@ -66,7 +66,7 @@ def test_pack_rejects_bad_input():
     with pytest.raises(ValueError, match="w_out"):
         _core.pack(codes * 0, s.view(np.uint16), None, 2, 8, w[:-1], so, None)
     with pytest.raises(ValueError, match="bits"):
-        _core.packed_shape(4, 16, 5, 8)
+        _core.packed_shape(4, 16, 7, 8)
     with pytest.raises(ValueError, match="group_size"):
         _core.packed_shape(4, 16, 2, 12)
     with pytest.raises(TypeError):

@@ -312,6 +312,7 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("cfg", [QuantConfig(bits=3, group_size=32, head_bits=4),
+                                 QuantConfig(bits=5, group_size=16, head_bits=6),
                                  QuantConfig(bits="ternary", group_size=16, head_bits=16, symmetric=True)])
 def test_quantized_file_from_hf_folder_loads_and_runs(tiny_hf, tmp_path, cfg):
     folder = tiny_hf
@@ -333,7 +334,8 @@ def test_quantized_file_from_hf_folder_loads_and_runs(tiny_hf, tmp_path, cfg):
         assert isinstance(head, FloatLinear)
         np.testing.assert_array_equal(head.wt, linears(b)[-1].wt)
     else:
-        assert isinstance(head, QLinear) and head.packed.bits == 4
+        assert isinstance(head, QLinear) and head.packed.bits == cfg.head_bits
+        assert all(x.packed.bits == (2 if cfg.bits == "ternary" else cfg.bits) for x in blocks)
 
 
 def calibrated_file(tiny_hf, tmp_path, method: str, *extra: str):
@@ -369,11 +371,12 @@ def test_mixed_file_equals_the_in_memory_mixed_model(tiny_hf, tmp_path, one_blas
     the in-memory mixed model computes; awq+mixed: with AWQ's folded norms in the file too."""
     from luthier.quant.mixed import quantize_model_mixed
 
-    calib, a = calibrated_file(tiny_hf, tmp_path, method, "--bpw-budget", "4.0", "--mixed-bits", "2g32,3g32,4g16")
-    b = quantize_model_mixed(str(tiny_hf), 4.0, 32, str(calib), 3, 24, candidate_bits=((2, 32), (3, 32), (4, 16)),
+    # 3, 5 and 8 bits/weight: 2- to 6-bit layers in one file
+    calib, a = calibrated_file(tiny_hf, tmp_path, method, "--bpw-budget", "5.0", "--mixed-bits", "2g32,4g32,6g16")
+    b = quantize_model_mixed(str(tiny_hf), 5.0, 32, str(calib), 3, 24, candidate_bits=((2, 32), (4, 32), (6, 16)),
                              head_bits=8, n_threads=1, ctx=32, awq=method == "awq+mixed")
     kinds = {(l.packed.bits, l.packed.group_size) for l in a.extra["linears"] if hasattr(l, "packed")}
-    assert len(kinds) > 1  # the file holds layers of different bits / groups
+    assert len(kinds) > 1 and 6 in {b for b, _ in kinds}  # 6-bit layers beside narrower ones
     assert_same_logits(a, b)
     src = load_model(str(tiny_hf), n_threads=1, ctx=32)
     folded = not np.array_equal(a.extra["reference"].layers[0].attn_norm, src.extra["reference"].layers[0].attn_norm)

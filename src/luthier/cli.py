@@ -34,10 +34,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     from .engine import parse_bits, parse_embd_bits
 
     p.add_argument("--bits", type=parse_bits, default=4,
-                   help="linear layer bits: 1, 2, 3, 4, ternary (LUT kernels), 8 or 16 (float)")
+                   help="linear layer bits: 1-6, ternary (LUT kernels), 8 (int8) or 16 (float)")
     p.add_argument("--group-size", type=int, default=128, help="weights per scale along k")
     p.add_argument("--head-bits", type=parse_bits, default=8,
-                   help="output head bits (8: int8 kernel; 1-4: LUT; 16: float)")
+                   help="output head bits (8: int8 kernel; 1-6: LUT; 16: float)")
     p.add_argument("--embd-bits", type=parse_embd_bits, default=None,
                    help="token embedding bits: 8 (int8 rows; a tied int8 head's own table, stored "
                         "once) or 16 (as the source stores it); default 16 with --head-bits 16, else 8")

@@ -15,7 +15,7 @@ from .int8 import Int8Linear, Int8Rows
 from .kernels import QLinear
 from .quant import quantize_rtn, quantize_ternary
 
-Bits = int | str  # 1, 2, 3, 4, "ternary", 8, 16
+Bits = int | str  # 1-6 (LUT kernels), "ternary", 8 (int8 kernel), 16 (float)
 FLOAT_BITS = (8, 16)
 
 
@@ -24,9 +24,9 @@ def parse_bits(value: str | int) -> Bits:
     v = str(value).strip().lower()
     if v in ("ternary", "t", "1.58", "tq"):
         return "ternary"
-    if v in ("1", "2", "3", "4", "8", "16"):
+    if v in ("1", "2", "3", "4", "5", "6", "8", "16"):
         return int(v)
-    raise ValueError(f"bits must be one of 1, 2, 3, 4, ternary, 8, 16; got {value!r}")
+    raise ValueError(f"bits must be one of 1-6, ternary, 8, 16; got {value!r}")
 
 
 def parse_embd_bits(value: str | int) -> int:
@@ -40,7 +40,7 @@ def parse_embd_bits(value: str | int) -> int:
 class QuantConfig:
     bits: Bits = 4
     group_size: int = 128
-    head_bits: Bits = 8  # output head: int8 kernel; 1-4 bits use the LUT kernels; 16 float
+    head_bits: Bits = 8  # output head: int8 kernel; 1-6 bits use the LUT kernels; 16 float
     head_group_size: int = 32
     embd_bits: Bits | None = None  # token embeddings: 8 (int8 rows) or 16 (as stored); None: 16
     # with a float head (--head-bits 16), else 8

@@ -154,7 +154,7 @@ def add_ppl_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--text", "-f", required=True, help="text file to evaluate (e.g. wikitext-2 test)")
     p.add_argument("--chunks", type=int, default=None, help="evaluate only the first N chunks")
     p.add_argument("--method", choices=list(METHODS), default="rtn",
-                   help="quantizer of the linear layers: rtn; gptq (--bits 1-4 or ternary: "
+                   help="quantizer of the linear layers: rtn; gptq (--bits 1-6 or ternary: "
                         "error feedback); awq (activation-aware scales folded into the norms, "
                         "then RTN with clipping); awq+gptq; mixed (bits per layer from measured "
                         "sensitivity under --bpw-budget, GPTQ); awq+mixed (AWQ's scales at each "

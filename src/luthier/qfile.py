@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from .quant.qtensor import SUPPORTED_BITS
 from .gguf_write import (
     Progress,
     WriteError,
@@ -239,8 +240,8 @@ def quantize_to_file(model: str | None, out: str, quant: Any, method: str = "rtn
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if method in MIXED_METHODS and not ((calib or {}).get("budget") and calib.get("file")):
         raise ValueError(f"--method {method} needs --bpw-budget (average bits per weight, e.g. 4.2) and --calib FILE")
-    if method not in ("rtn",) + MIXED_METHODS and (quant.bits not in (1, 2, 3, 4, "ternary") or not (calib or {}).get("file")):
-        raise ValueError(f"--method {method} needs --bits 1-4 or ternary (got {quant.bits}) and --calib FILE "
+    if method not in ("rtn",) + MIXED_METHODS and (quant.bits not in SUPPORTED_BITS + ("ternary",) or not (calib or {}).get("file")):
+        raise ValueError(f"--method {method} needs --bits 1-6 or ternary (got {quant.bits}) and --calib FILE "
                          "(calibration text)")
     out = check_output(out, force)  # before the slow part
     path = engine.resolve_model_path(model)
@@ -314,7 +315,7 @@ def _build_linear(f: Any, name: str, spec: dict, mode: str, n_threads: int):
             raise ValueError
         if kind == "lut":
             bits, gs = int(spec["bits"]), int(spec["group_size"])
-            if bits not in (1, 2, 3, 4) or gs <= 0:
+            if bits not in SUPPORTED_BITS or gs <= 0:
                 raise ValueError
             zero_const, ternary = float(spec["zero_const"]), bool(spec["ternary"])
     except (KeyError, TypeError, ValueError):

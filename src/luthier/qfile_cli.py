@@ -34,7 +34,7 @@ def add_qfile_parsers(sub: Any) -> None:
     for p in (q, c):
         p.add_argument("-o", "--output", required=True, help="output file (OUT.gguf)")
         p.add_argument("--force", "-f", action="store_true", help="overwrite an existing output file")
-    q.add_argument("--bits", type=parse_bits, default=4, help="linear layer bits: 1, 2, 3, 4, ternary, 8, 16")
+    q.add_argument("--bits", type=parse_bits, default=4, help="linear layer bits: 1-6, ternary (LUT kernels), 8 (int8), 16 (float)")
     q.add_argument("--group-size", type=int, default=128, help="weights per scale along k")
     q.add_argument("--head-bits", type=parse_bits, default=8, help="output head bits (8: int8 kernel)")
     q.add_argument("--embd-bits", type=parse_embd_bits, default=None,

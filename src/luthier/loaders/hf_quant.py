@@ -52,7 +52,7 @@ __all__ = [
 ]  # fmt: skip
 
 AWQ_ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])  # nibble i of an AWQ word holds column AWQ_ORDER[i]
-GPTQ_BITS = (2, 3, 4)  # 8-bit codes do not fit luthier's 1-4-bit LUT kernels
+GPTQ_BITS = (2, 3, 4)  # the widths GPTQ packs that fit the LUT kernels (1-6 bits); not 8
 GPTQ_FORMATS = ("gptq", "gptq_v2")
 _CHUNK = 1 << 22  # codes unpacked per step: bounds the temporaries of large layers
 
@@ -139,7 +139,7 @@ def _gptq_config(q: Mapping[str, Any]) -> HFQuantConfig:
     bits = _int(q, "bits")
     if bits == 8:
         raise UnsupportedQuantization(
-            "8-bit GPTQ is not supported: luthier's LUT kernels take 1-4-bit codes (load the float "
+            "8-bit GPTQ is not supported: luthier's LUT kernels take 1-6-bit codes (load the float "
             "checkpoint with --bits 8 for its int8 path)"
         )
     if bits not in GPTQ_BITS:

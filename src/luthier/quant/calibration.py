@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .gptq import DEFAULT_BLOCK_SIZE, DEFAULT_PERCDAMP, HessianAccumulator, gptq_quantize
-from .qtensor import QTensor
+from .qtensor import SUPPORTED_BITS, QTensor
 
 DEFAULT_N_SAMPLES = 32
 DEFAULT_SEQ_LEN = 512
@@ -257,7 +257,7 @@ def gptq_model_layers(
     observer: Callable[[list[str], np.ndarray], None] | None = None,
 ) -> tuple[dict[str, QTensor], dict]:
     """Sequential GPTQ of every block linear of `model`, a models.Transformer built with
-    `calibration_factory`, over calibration tokens [N, L]. bits: 1-4 or "ternary".
+    `calibration_factory`, over calibration tokens [N, L]. bits: 1-6 or "ternary".
     group_size: an int or a function of k (None: one ternary scale per tensor).
     observer(names, H), if given, sees each group and its Hessian in the order they
     are quantized. Returns ({tensor name: QTensor}, stats)."""
@@ -347,8 +347,8 @@ def build_quantized_model(
 
 
 def check_calib_bits(bits: Any, method: str) -> None:
-    if bits not in (1, 2, 3, 4, "ternary"):
-        raise ValueError(f"{method} quantizes to 1-4 bits or ternary, got {bits}")
+    if bits not in SUPPORTED_BITS + ("ternary",):
+        raise ValueError(f"{method} quantizes to 1-6 bits or ternary, got {bits}")
 
 
 @dataclasses.dataclass
@@ -403,7 +403,7 @@ def quantize_model_gptq(
     **options: Any,
 ):
     """Load a float model, GPTQ its block linears on `calib_file` (N sequences of L tokens),
-    and return an engine.LoadedModel running them on the LUT kernels. bits: 1-4, or
+    and return an engine.LoadedModel running them on the LUT kernels. bits: 1-6, or
     "ternary" (absmean grid with error feedback; group_size 0: one scale per tensor). The
     output head is quantized like engine.load_model does (round-to-nearest at head_bits).
     Group sizes are fitted to each row length as engine does (engine._fit_group), so RTN

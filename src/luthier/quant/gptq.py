@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .qtensor import QTensor, check_group_size, default_zero
+from .qtensor import SUPPORTED_BITS, QTensor, check_group_size, default_zero
 from .rtn import _to_f16_scale, quantize_rtn
 
 DEFAULT_BLOCK_SIZE = 128
@@ -159,10 +159,10 @@ def gptq_quantize(
 ):
     """GPTQ of weights w [n, k] with the Hessian h [k, k] of the layer's inputs.
 
-    bits: 1-4, or "ternary" (codes {-1, 0, 1}, absmean scales, no zeros: symmetric is
+    bits: 1-6, or "ternary" (codes {-1, 0, 1}, absmean scales, no zeros: symmetric is
     ignored). group_size: weights along k per scale (None or >= k: one group per row; for
     ternary, None: one scale for the whole tensor); the last group may be partial.
-    act_order implies static_groups. clip_search (bits 2-4): each group's range is the one
+    act_order implies static_groups. clip_search (bits 2-6): each group's range is the one
     of CLIP_SHRINKS that rounds with the least H-diagonal-weighted error (_clip_search);
     False: RTN's min/max grid. Returns a QTensor, or (QTensor, float32 [n, k] weights
     committed) when return_dequant (equal to qt.dequantize()).
@@ -176,8 +176,8 @@ def gptq_quantize(
     h = np.array(h, dtype=np.float64)  # a copy: modified below
     if h.shape != (k, k):
         raise ValueError(f"Hessian has shape {h.shape}, expected {(k, k)}")
-    if bits not in (1, 2, 3, 4, "ternary"):
-        raise ValueError(f"bits must be 1, 2, 3, 4 or 'ternary', got {bits}")
+    if bits not in SUPPORTED_BITS + ("ternary",):
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS} or 'ternary', got {bits}")
     ternary = bits == "ternary"
     per_tensor = ternary and (group_size is None or group_size <= 0)
     symmetric = symmetric and not ternary  # ternary rounds as quantize_ternary: rint(w/s) + 1
@@ -202,7 +202,7 @@ def gptq_quantize(
     hdiag = np.diag(h).copy()  # original column order
 
     def set_group(g: int, cols: np.ndarray, hd: np.ndarray) -> None:
-        if clip_search and bits in (2, 3, 4):
+        if clip_search and bits != "ternary" and bits >= 2:
             s32[:, g], z32[:, g], scales[:, g], z16 = _clip_search(cols, hd, bits, symmetric)
         else:
             s32[:, g], z32[:, g], scales[:, g], z16 = _group_params(cols, bits, symmetric)

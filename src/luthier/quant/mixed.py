@@ -57,7 +57,7 @@ from .calibration import (
     split_rows,
 )
 from .gptq import DEFAULT_BLOCK_SIZE, DEFAULT_PERCDAMP, gptq_quantize
-from .qtensor import QTensor
+from .qtensor import SUPPORTED_BITS, QTensor
 
 CANDIDATE_BITS = (2, 3, 4)
 DEFAULT_SENS_SAMPLES = 2
@@ -96,9 +96,9 @@ def parse_candidates(text: str) -> tuple[Candidate, ...]:
                 out.append(int(item))
         except ValueError:
             raise ValueError(f"mixed candidates are BITS or BITSgGROUP (e.g. 4g32), got {item!r}") from None
-    if not out or any(cand_bits(c) not in (1, 2, 3, 4) for c in out) or any(
+    if not out or any(cand_bits(c) not in SUPPORTED_BITS for c in out) or any(
             isinstance(c, tuple) and c[1] < 1 for c in out):
-        raise ValueError(f"mixed candidates need bits 1-4 and positive group sizes, got {text!r}")
+        raise ValueError(f"mixed candidates need bits 1-6 and positive group sizes, got {text!r}")
     return tuple(out)
 
 
@@ -340,8 +340,8 @@ def mixed_model_layers(
     awq.fold_into_weights, which the QTensors expect). Returns ({name: QTensor}, stats)."""
     from ..models import Transformer
 
-    if not candidate_bits or any(cand_bits(c) not in (1, 2, 3, 4) for c in candidate_bits):
-        raise ValueError(f"candidate bits must be among 1-4, got {candidate_bits}")
+    if not candidate_bits or any(cand_bits(c) not in SUPPORTED_BITS for c in candidate_bits):
+        raise ValueError(f"candidate bits must be among 1-6, got {candidate_bits}")
     t0 = time.perf_counter()
     names = [f"blk.{i}.{n}.weight" for i in range(args.n_layers) for n in BLOCK_LINEARS]
     sizes = {n: int(weights[n].size) for n in names}

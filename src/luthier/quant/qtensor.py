@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SUPPORTED_BITS = (1, 2, 3, 4)
+SUPPORTED_BITS = (1, 2, 3, 4, 5, 6)  # the LUT kernels' code widths (csrc/lut_gemm.h kMaxBits)
 
 
 def default_zero(bits: int, ternary: bool = False) -> float:

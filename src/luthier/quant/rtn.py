@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .qtensor import QTensor, check_group_size, default_zero
+from .qtensor import SUPPORTED_BITS, QTensor, check_group_size, default_zero
 
 
 def _grouped(w: np.ndarray, group_size: int) -> tuple[np.ndarray, int]:
@@ -38,8 +38,8 @@ def quantize_rtn(w: np.ndarray, bits: int, group_size: int, symmetric: bool = Tr
         raise ValueError("weights contain NaN or infinity")
     n, k = w.shape
     check_group_size(k, group_size)
-    if bits not in (1, 2, 3, 4):
-        raise ValueError(f"bits must be 1, 2, 3 or 4, got {bits}")
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     wg, _ = _grouped(w, group_size)  # [n, G, gs]
     valid = _valid_mask(n, k, group_size)
     count = valid.sum(-1)  # [n, G]
