@@ -8,8 +8,8 @@
 //      low = kgroup 2p's indices, high = kgroup 2p+1's.
 //   2. tbl (vqtbl1q) each against its kgroup's 16-byte table.
 //   3. Widening multiply-accumulate (vmlal_s8) with per-byte plane weights
-//      (2^i, 2^(i+1)) into int16 lanes; lane 2w + t holds row w's planes t (and t + 2),
-//      so the planes of a row sit in adjacent lanes.
+//      (2^i, 2^(i+1)) into int16 lanes; lane 2w + t holds row w's planes t (and t + 2,
+//      t + 4), so the planes of a row sit in adjacent lanes.
 //   4. Sum int16 for as many kgroups as cannot overflow (kFlush), then vpadal: adding the
 //      adjacent lanes finishes the plane combination and widens to int32, one row a lane.
 //   5. At the group end: y += s * (0.5 * ts * L + (cb - z) * S) in float.
@@ -43,6 +43,7 @@ template <int B, bool EXACT>
 constexpr int flush_pairs() {
   constexpr int per = (EXACT ? 508 : 127) * ((1 << B) - 1);
   constexpr int kg = 32767 / per;
+  static_assert(kg >= 2, "a kgroup pair must fit an int16 lane (EXACT 6-bit does not: generic kernel)");
   int p = 1;
   while (p * 4 <= kg) p *= 2;
   return p;
@@ -100,9 +101,10 @@ void tile_tokens(const GemmArgs& a, int64_t t, int64_t mi) {
   const float cb = 0.5f * float((1 << B) - 1);
   const uint8x16_t m4 = vdupq_n_u8(0x0F);
   // per-byte weights (int8, FAST) and per-lane weights (int16, EXACT) of each vector kind
-  const int8x16_t cw01 = byte_weights(1, 2), cw23 = byte_weights(4, 8);
+  const int8x16_t cw01 = byte_weights(1, 2), cw23 = byte_weights(4, 8), cw45 = byte_weights(16, 32);
   const int8x16_t ce = byte_weights(1 << (B - 1), 0), co = byte_weights(0, 1 << (B - 1));
   const int16x8_t ew01 = vmovl_s8(vget_low_s8(cw01)), ew23 = vmovl_s8(vget_low_s8(cw23));
+  const int16x8_t ew45 = vmovl_s8(vget_low_s8(cw45));
   const int16x8_t ewe = vmovl_s8(vget_low_s8(ce)), ewo = vmovl_s8(vget_low_s8(co));
 
   const uint8_t* tab[NT];  // tables walk: [token][bytes_per_token]
@@ -135,6 +137,7 @@ void tile_tokens(const GemmArgs& a, int64_t t, int64_t mi) {
           if (hh == 0) {
             __builtin_prefetch(wp + kPrefetch);
             if (kPairBytes > 64) __builtin_prefetch(wp + kPrefetch + 64);
+            if (kPairBytes > 128) __builtin_prefetch(wp + kPrefetch + 128);
           }
           // the pair's tables, per token: kgroups 2p, 2p+1 ([16] int8, or [16] lo + [16] hi)
           int8x16_t T0[NT], T1[NT];
@@ -152,11 +155,11 @@ void tile_tokens(const GemmArgs& a, int64_t t, int64_t mi) {
             }
           }
           // fully unrolled: accumulator indices must be constants to stay in registers
-#pragma GCC unroll 4
+#pragma GCC unroll 6
           for (int q = 0; q < B; ++q) {
             const bool odd_plane = kOdd && q == B - 1;
-            const int8x16_t cw = q < 2 ? cw01 : cw23;
-            const int16x8_t ew = q < 2 ? ew01 : ew23;
+            const int8x16_t cw = q < 2 ? cw01 : q < 4 ? cw23 : cw45;
+            const int16x8_t ew = q < 2 ? ew01 : q < 4 ? ew23 : ew45;
             // step 1: 16 bytes of vector q = rows 8hh..8hh+7 of a half-tile (both: odd plane)
             const uint8x16_t wv = vld1q_u8(wp + 32 * q + 16 * hh);
             const uint8x16_t lo = vandq_u8(wv, m4);
@@ -261,10 +264,10 @@ void run(const GemmArgs& a, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
 }  // namespace
 
 void lut_gemm_neon(const GemmArgs& a, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
-  // 5- and 6-bit codes run on the portable kernel: this one is written for up to 4 planes
-  // and there is no ARM machine here to test a wider one on.
-  if (a.ps->bits > 4) return lut_gemm_generic(a, t0, t1, m0, m1);
   const bool exact = a.ts->mode == TableMode::kExact;
+  // EXACT 6-bit: lane 2w + 1 sums planes 1, 3, 5 (weights 42) of whole int16 entries (up to
+  // 508), and a kgroup pair would overflow it; the portable kernel takes that case
+  if (a.ps->bits == 6 && exact) return lut_gemm_generic(a, t0, t1, m0, m1);
   switch (a.ps->bits * 2 + (exact ? 1 : 0)) {
     case 2: return run<1, false>(a, t0, t1, m0, m1);
     case 3: return run<1, true>(a, t0, t1, m0, m1);
@@ -273,7 +276,10 @@ void lut_gemm_neon(const GemmArgs& a, int64_t t0, int64_t t1, int64_t m0, int64_
     case 6: return run<3, false>(a, t0, t1, m0, m1);
     case 7: return run<3, true>(a, t0, t1, m0, m1);
     case 8: return run<4, false>(a, t0, t1, m0, m1);
-    default: return run<4, true>(a, t0, t1, m0, m1);
+    case 9: return run<4, true>(a, t0, t1, m0, m1);
+    case 10: return run<5, false>(a, t0, t1, m0, m1);
+    case 11: return run<5, true>(a, t0, t1, m0, m1);
+    default: return run<6, false>(a, t0, t1, m0, m1);
   }
 }
 

@@ -139,6 +139,22 @@ def test_candidates_parse_bits_and_bits_with_groups():
             mixed.parse_candidates(bad)
 
 
+def test_auto_candidates_span_the_budget():
+    # asymmetric bits/weight: b + 32 / g
+    assert mixed.parse_candidates("auto", 4.2) == ((3, 128), (3, 64), (3, 32), (4, 128), (4, 64), (4, 32))
+    assert mixed.parse_candidates("AUTO", 5.5) == ((4, 128), (4, 64), (4, 32), (5, 128), (5, 64), (5, 32),
+                                                   (6, 128), (6, 64))
+    assert mixed.auto_candidates(4.2, symmetric=True)[-1] == (5, 128)  # 5.125 with fp16 scales only
+    for budget in (2.3, 3.0, 3.9, 4.5, 6.0, 7.0):
+        c = mixed.auto_candidates(budget)
+        assert min(mixed.layer_bpw(b, g) for b, g in c) <= budget  # the allocation has room
+        assert all(abs(mixed.layer_bpw(b, g) - budget) <= 1.25 and b >= budget - 1.6 for b, g in c)
+    with pytest.raises(ValueError, match="budget"):
+        mixed.parse_candidates("auto")
+    with pytest.raises(ValueError, match="--mixed-bits"):
+        mixed.auto_candidates(9.5)
+
+
 def test_group_size_candidates_are_allocated_per_layer(tmp_path, monkeypatch):
     """Candidates that differ only in group size: finer groups cost more bits and are
     given to the layers that matter; each layer is built at its own group size."""

@@ -176,9 +176,9 @@ def add_ppl_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--bpw-budget", type=float, default=None,
                    help="mixed: average bits per weight of the block linears, scales and zeros "
                         "counted (e.g. 3.0)")
-    p.add_argument("--mixed-bits", default="2,3,4",
-                   help="mixed: candidates, bits at --group-size or BITSgGROUP (default 2,3,4; e.g. "
-                        "3g128,4g128,4g64,4g32)")
+    p.add_argument("--mixed-bits", default="auto",
+                   help="mixed: candidates, bits at --group-size or BITSgGROUP (e.g. 3g128,4g128,4g64,4g32); "
+                        "auto (default): bits 2-6 at groups 128/64/32 within -1.25/+1.0 bits/weight of the budget")
     p.add_argument("--mixed-rtn", action="store_true",
                    help="mixed: round-to-nearest at the chosen bits instead of GPTQ")
     p.add_argument("--backend", choices=["auto", "native", "numpy"], default="auto",
@@ -224,7 +224,7 @@ def quantize_calibrated(a: argparse.Namespace, progress: Callable[[int, int, str
 
         if a.bpw_budget is None:
             raise ValueError(f"--method {a.method} needs --bpw-budget (average bits per weight, e.g. 3.0)")
-        cand = parse_candidates(a.mixed_bits)
+        cand = parse_candidates(a.mixed_bits, a.bpw_budget, a.symmetric)
         lm = quantize_model_mixed(path, a.bpw_budget, a.group_size, a.calib, candidate_bits=cand,
                                   use_gptq=not a.mixed_rtn, awq=a.method == "awq+mixed", **common)
         m = lm.extra["mixed"]
@@ -232,8 +232,8 @@ def quantize_calibrated(a: argparse.Namespace, progress: Callable[[int, int, str
                            for b, n in m["counts"].items())
         return lm, (f"{a.method}: {m['layers']} layers, {m['bpw']:.4f} bits/weight (budget {m['budget']}): {counts}; "
                     f"{m['seconds']:.1f} s (sensitivity {m['sensitivity_seconds']:.1f} s)")
-    if a.bits not in (2, 3, 4, "ternary"):
-        raise ValueError(f"--method {a.method} quantizes to 2, 3 or 4 bits, or ternary, not {a.bits}")
+    if a.bits not in (2, 3, 4, 5, 6, "ternary"):
+        raise ValueError(f"--method {a.method} quantizes to 2-6 bits, or ternary, not {a.bits}")
     if a.method == "gptq":
         from .quant.calibration import quantize_model_gptq
 

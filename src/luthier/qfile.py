@@ -214,7 +214,8 @@ def _calibrated_linears(path: str, method: str, quant: Any, calib: dict,
                 progress=progress)
     if method in MIXED_METHODS:
         lm = quantize_model_mixed(path, calib["budget"], quant.group_size, calib["file"],
-                                  candidate_bits=parse_candidates(calib.get("candidates") or "2,3,4"),
+                                  candidate_bits=parse_candidates(calib.get("candidates") or "auto", calib["budget"],
+                                                                 quant.symmetric),
                                   awq=method == "awq+mixed", **opts)
     elif method == "gptq":
         lm = quantize_model_gptq(path, quant.bits, quant.group_size, calib["file"], **opts)

@@ -55,9 +55,9 @@ def add_qfile_parsers(sub: Any) -> None:
     q.add_argument("--percdamp", type=float, default=None, help="GPTQ damping, a fraction of mean(diag H) (default 0.05)")
     q.add_argument("--bpw-budget", type=float, default=None,
                    help="mixed: average bits per weight of the block linears, scales and zeros counted (e.g. 4.2)")
-    q.add_argument("--mixed-bits", default="2,3,4",
-                   help="mixed: candidates, bits at --group-size or BITSgGROUP (default 2,3,4; measured best on "
-                        "SmolLM2: 3g128,4g128,4g64,4g32)")
+    q.add_argument("--mixed-bits", default="auto",
+                   help="mixed: candidates, bits at --group-size or BITSgGROUP (e.g. 3g128,4g128,4g64,4g32); "
+                        "auto (default): bits 2-6 at groups 128/64/32 within -1.25/+1.0 bits/weight of the budget")
     q.set_defaults(fn=cmd_quantize)
     c.set_defaults(fn=cmd_convert)
 

@@ -220,7 +220,8 @@ int main(int argc, char** argv) {
   const int64_t ks[] = {8, 24, 40, 136, 264, 1032};
   const int64_t ms[] = {1, 2, 5, 7, 64};
   const int gss[] = {32, 64, 128, 0};  // 0: group_size = k
-  struct Kind { int bits; bool ternary; } kinds[] = {{1, false}, {2, false}, {3, false}, {4, false}, {2, true}};
+  struct Kind { int bits; bool ternary; } kinds[] = {{1, false}, {2, false}, {3, false}, {4, false},
+                                                     {5, false}, {6, false}, {2, true}};
 
   int cases = 0, fails = 0;
   double worst = 0;

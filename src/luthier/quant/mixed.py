@@ -83,8 +83,33 @@ def cand_label(c: Candidate) -> str:
     return f"{c[0]}g{c[1]}" if isinstance(c, tuple) else str(c)
 
 
-def parse_candidates(text: str) -> tuple[Candidate, ...]:
-    """'2,3,4' -> (2, 3, 4); '3g128,4g128,4g32' -> ((3, 128), (4, 128), (4, 32))."""
+AUTO_GROUPS = (128, 64, 32)
+AUTO_BELOW, AUTO_ABOVE = 1.25, 1.0  # bits/weight either side of the budget "auto" spans
+AUTO_BITS_BELOW = 1.6  # and code bits no further below it
+
+
+def auto_candidates(budget: float, symmetric: bool = False) -> tuple[Candidate, ...]:
+    """The candidates "auto" gives a budget: every (bits 2-6, group 128/64/32) whose bits per
+    weight lie within [budget - 1.25, budget + 1.0] and whose bits are at least budget - 1.6
+    (so 2g32, 3.0 bits/weight, is not a candidate of 4.2). The sensitivity is measured at the
+    cheapest candidate and carried to the others by their output error, which holds near the
+    measurement: the measured sets (3g128..4g32 under 3.9-4.5 bits, 4g128..6g32 under
+    5.5-6.0, benchmarks/README.md) span about that range."""
+    out = tuple((b, g) for b in SUPPORTED_BITS if b >= max(2.0, budget - AUTO_BITS_BELOW) for g in AUTO_GROUPS
+                if budget - AUTO_BELOW <= layer_bpw(b, g, symmetric) <= budget + AUTO_ABOVE)
+    if not out:
+        raise ValueError(f"no mixed candidate lies near a budget of {budget} bits/weight (2-6 bits at groups "
+                         f"{'/'.join(map(str, AUTO_GROUPS))}); give --mixed-bits")
+    return out
+
+
+def parse_candidates(text: str, budget: float | None = None, symmetric: bool = False) -> tuple[Candidate, ...]:
+    """'2,3,4' -> (2, 3, 4); '3g128,4g128,4g32' -> ((3, 128), (4, 128), (4, 32)); 'auto' ->
+    auto_candidates(budget)."""
+    if str(text).strip().lower() == "auto":
+        if budget is None:
+            raise ValueError("mixed candidates 'auto' need the bits-per-weight budget")
+        return auto_candidates(budget, symmetric)
     out: list[Candidate] = []
     for item in str(text).split(","):
         item = item.strip().lower()
