@@ -27,8 +27,22 @@ from bench_kernels import cpu_name, git_commit  # noqa: E402
 from luthier.engine import QuantConfig, load_model  # noqa: E402
 from luthier.loaders.bundled import smollm2_path  # noqa: E402
 
-# (our bits, our group size, llama.cpp type names to compare with)
-PAIRS = [(4, 128, ["Q4_0"]), (2, 64, ["Q2_K"]), ("ternary", 64, ["TQ2_0", "TQ1_0"])]
+# our bits and group size, and the llama.cpp types to compare with
+DEFAULT_PAIRS = "4g128:Q4_0,2g64:Q2_K,tg64:TQ2_0+TQ1_0"
+
+
+def parse_pairs(text: str) -> list[tuple]:
+    """'5g64:Q5_0+Q5_K_M,tg64:TQ2_0' -> [(5, 64, ['Q5_0', 'Q5_K_M']), ('ternary', 64, ['TQ2_0'])]:
+    our bits (t: ternary) and group size, then the llama.cpp types to run beside them."""
+    out = []
+    for item in text.split(","):
+        ours, _, theirs = item.strip().partition(":")
+        b, _, g = ours.lower().partition("g")
+        try:
+            out.append(("ternary" if b == "t" else int(b), int(g), [t for t in theirs.split("+") if t]))
+        except ValueError:
+            raise SystemExit(f"--pairs items are BITSgGROUP:TYPE[+TYPE] (e.g. 5g64:Q5_0), got {item!r}") from None
+    return out
 
 
 def bench_luthier(path, bits, gs, threads_list, n_prompt, n_gen, head_bits=4) -> list[dict]:
@@ -200,6 +214,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--pairs", default=DEFAULT_PAIRS,
+                    help=f"our BITSgGROUP (t: ternary) and llama.cpp types, e.g. 5g64:Q5_0,6g64:Q6_K "
+                         f"(default {DEFAULT_PAIRS})")
     ap.add_argument("--json")
     ap.add_argument("--plot")
     a = ap.parse_args(argv)
@@ -218,7 +235,7 @@ def main(argv=None) -> int:
           f"{'MB/tok':>7} {'GB/s':>6}")
     records = []
     for name, path, head_bits in models:
-        for bits, gs, ltypes in PAIRS:
+        for bits, gs, ltypes in parse_pairs(a.pairs):
             runs = bench_luthier(path, bits, gs, threads, a.prompt, a.gen, head_bits)
             if not a.no_llama:
                 for lt in ltypes:

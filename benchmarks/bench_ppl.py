@@ -24,7 +24,8 @@ Config names: `luthier:f16` (the float source, --bits 16), `luthier:source` (the
 file unconverted, --bits 16), `luthier:w{B}g{G}:{rtn|gptq|awq|awq+gptq}` (B 1-6),
 `luthier:tg{G}:{rtn|gptq}` (ternary), `luthier:mixed{BPW}g{G}[:{CANDIDATES}]` (bits per
 layer under a budget; candidates as `ppl --mixed-bits` with + for commas, e.g.
-`luthier:mixed4.2g128:3g128+4g128+4g64+4g32`; `awqmixed...` for `--method awq+mixed`),
+`luthier:mixed4.2g128:3g128+4g128+4g64+4g32`, or `auto`; none: 2,3,4 at G; `awqmixed...`
+for `--method awq+mixed`),
 `llama:{F16|Q8_0|Q6_K|Q5_K_M|Q4_K_M|Q4_0|Q3_K_S|Q2_K|IQ2_XXS|...}` (types whose
 name starts with IQ1/IQ2 get the imatrix; append `+imat` to any other type to give it
 one too). Finished rows are cached as one JSON each under --cache (key: model, config,
@@ -64,6 +65,7 @@ DEFAULT_WORK = os.path.join(os.path.expanduser("~"), ".cache", "luthier", "bench
 
 LUTHIER_METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 MIXED_CANDIDATES = "3g128+4g128+4g64+4g32"  # bits and group sizes the allocation may pick
+WIDE_CANDIDATES = "4g128+4g64+4g32+5g128+5g64+5g32+6g128+6g64+6g32"  # for budgets of 5-6 bits
 LLAMA_TYPES = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_S", "Q2_K", "IQ2_XXS"]
 
 
@@ -74,6 +76,8 @@ def all_configs() -> list[str]:
             out += [f"luthier:w{b}g{g}:{m}" for m in LUTHIER_METHODS]
     out += ["luthier:tg64:rtn", "luthier:tg64:gptq", "luthier:mixed3.0g64", "luthier:mixed2.5g64"]
     out += [f"luthier:{p}mixed{b}g128:{MIXED_CANDIDATES}" for p in ("", "awq") for b in (3.9, 4.2, 4.5)]
+    out += [f"luthier:w{b}g32:awq+gptq" for b in (5, 6)]
+    out += [f"luthier:awqmixed{b}g128:{WIDE_CANDIDATES}" for b in (5.5, 6.0)]
     out += [f"llama:{t}" for t in LLAMA_TYPES]
     return out
 
@@ -183,7 +187,7 @@ def parse_luthier(cfg: str) -> dict:
     m = re.fullmatch(r"tg(\d+):(rtn|gptq)", body)
     if m:
         return dict(kind="q", bits="ternary", group=int(m.group(1)), method=m.group(2))
-    m = re.fullmatch(r"(awq)?mixed([\d.]+)g(\d+)(?::([0-9g+]+))?", body)
+    m = re.fullmatch(r"(awq)?mixed([\d.]+)g(\d+)(?::([0-9g+]+|auto))?", body)
     if m:
         return dict(kind="mixed", budget=float(m.group(2)), group=int(m.group(3)),
                     method="awq+mixed" if m.group(1) else "mixed", candidates=(m.group(4) or "").replace("+", ","))
@@ -296,8 +300,8 @@ class Bench:
         out = os.path.join(self.files, f"{name}.gguf")
         cmd = luthier_cmd() + ["quantize", self.f16(), "--group-size", str(c["group"]), "--method", c["method"],
                                "-o", out, "--force"]
-        if c["kind"] == "mixed":
-            cmd += ["--bpw-budget", str(c["budget"])] + (["--mixed-bits", c["candidates"]] if c["candidates"] else [])
+        if c["kind"] == "mixed":  # no candidates: 2,3,4 at the group size (the default before "auto")
+            cmd += ["--bpw-budget", str(c["budget"]), "--mixed-bits", c["candidates"] or "2,3,4"]
         else:
             cmd += ["--bits", str(c["bits"])]
         if c["method"] != "rtn":

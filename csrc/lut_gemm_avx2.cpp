@@ -190,7 +190,9 @@ void run(const GemmArgs& a, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
   // Blocks of tokens whose tables fit in L2 (a token's tables are k * 4 or k * 8 bytes);
   // within a block, tile-major so a tile's weights stay in L1 while every token uses them;
   // tokens go NT at a time so each weight vector is split once per NT lookups.
-  constexpr int NT = EXACT ? 2 : 4;
+  // 5-6 bits: two more plane-weight constants, and 4 tokens' accumulators no longer fit
+  // the 16 ymm registers (spills made m = 128 ~20% slower at 6 bits than 2 tokens at a time)
+  constexpr int NT = EXACT || B > 4 ? 2 : 4;
   constexpr size_t kL2Tables = 192 * 1024;
   const size_t bpt = a.ts->bytes_per_token();
   const int64_t mb = std::max<int64_t>(NT, int64_t(kL2Tables / bpt) / NT * NT);
