@@ -86,6 +86,6 @@ def test_cli_errors_are_clear(tmp_path):
     r = subprocess.run([sys.executable, "-m", "luthier.cli", "run", str(bad), "hi"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "error" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "luthier.cli", "run", "hi", "--bits", "5"],
+    r = subprocess.run([sys.executable, "-m", "luthier.cli", "run", "hi", "--bits", "7"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "bits" in r.stderr
