@@ -208,7 +208,7 @@ def test_ppl_command(wikitext: str, tmp_path: Path, capsys):
     assert "[2]" in cap.err  # llama.cpp-style running values
 
 
-@pytest.mark.parametrize("extra, message", [([], "--calib"), (["--calib", "c.txt", "--bits", "16"], "2-6 bits")])
+@pytest.mark.parametrize("extra, message", [([], "--calib"), (["--calib", "c.txt", "--bits", "16"], "1-6 bits")])
 def test_ppl_command_gptq_argument_errors(tmp_path: Path, extra: list[str], message: str):
     f = tmp_path / "t.txt"
     f.write_text("some text")

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .qfile import METHODS, MIXED_METHODS
+from .quant.qtensor import SUPPORTED_BITS
 
 DEFINITION = """\
 1. Tokenize the whole text once, as llama.cpp does (common_tokenize(ctx, text, true)):
@@ -232,8 +233,8 @@ def quantize_calibrated(a: argparse.Namespace, progress: Callable[[int, int, str
                            for b, n in m["counts"].items())
         return lm, (f"{a.method}: {m['layers']} layers, {m['bpw']:.4f} bits/weight (budget {m['budget']}): {counts}; "
                     f"{m['seconds']:.1f} s (sensitivity {m['sensitivity_seconds']:.1f} s)")
-    if a.bits not in (2, 3, 4, 5, 6, "ternary"):
-        raise ValueError(f"--method {a.method} quantizes to 2-6 bits, or ternary, not {a.bits}")
+    if a.bits not in SUPPORTED_BITS + ("ternary",):  # as `luthier quantize --method` accepts
+        raise ValueError(f"--method {a.method} quantizes to 1-6 bits, or ternary, not {a.bits}")
     if a.method == "gptq":
         from .quant.calibration import quantize_model_gptq
 
