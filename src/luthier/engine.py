@@ -14,6 +14,7 @@ import numpy as np
 from .int8 import Int8Linear, Int8Rows
 from .kernels import QLinear
 from .quant import quantize_rtn, quantize_ternary
+from .quant.qtensor import SUPPORTED_BITS
 
 Bits = int | str  # 1-6 (LUT kernels), "ternary", 8 (int8 kernel), 16 (float)
 FLOAT_BITS = (8, 16)
@@ -24,7 +25,7 @@ def parse_bits(value: str | int) -> Bits:
     v = str(value).strip().lower()
     if v in ("ternary", "t", "1.58", "tq"):
         return "ternary"
-    if v in ("1", "2", "3", "4", "5", "6", "8", "16"):
+    if v in {str(b) for b in SUPPORTED_BITS + FLOAT_BITS}:
         return int(v)
     raise ValueError(f"bits must be one of 1-6, ternary, 8, 16; got {value!r}")
 

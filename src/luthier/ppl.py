@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .qfile import METHODS, MIXED_METHODS
-from .quant.qtensor import SUPPORTED_BITS
+from .quant.calibration import check_calib_bits
 
 DEFINITION = """\
 1. Tokenize the whole text once, as llama.cpp does (common_tokenize(ctx, text, true)):
@@ -203,8 +203,6 @@ def _uses_float_linear(lm: Any) -> bool:
     return any(isinstance(l, FloatLinear) for l in lm.extra.get("linears", []))
 
 
-
-
 def quantize_calibrated(a: argparse.Namespace, progress: Callable[[int, int, str], None] | None = None):
     """The LoadedModel of a calibrated --method (gptq, awq, awq+gptq, mixed) from parsed
     arguments, and a one-line summary of the quantization."""
@@ -233,8 +231,7 @@ def quantize_calibrated(a: argparse.Namespace, progress: Callable[[int, int, str
                            for b, n in m["counts"].items())
         return lm, (f"{a.method}: {m['layers']} layers, {m['bpw']:.4f} bits/weight (budget {m['budget']}): {counts}; "
                     f"{m['seconds']:.1f} s (sensitivity {m['sensitivity_seconds']:.1f} s)")
-    if a.bits not in SUPPORTED_BITS + ("ternary",):  # as `luthier quantize --method` accepts
-        raise ValueError(f"--method {a.method} quantizes to 1-6 bits, or ternary, not {a.bits}")
+    check_calib_bits(a.bits, f"--method {a.method}")  # before loading, named as the user wrote it
     if a.method == "gptq":
         from .quant.calibration import quantize_model_gptq
 

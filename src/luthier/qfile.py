@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 
-from .quant.qtensor import SUPPORTED_BITS
 from .gguf_write import (
     Progress,
     WriteError,
@@ -47,6 +46,7 @@ from .gguf_write import (
     check_output,
     convert_to_file,
 )
+from .quant.qtensor import SUPPORTED_BITS
 
 __all__ = ["ALIGNMENT", "FORMAT_KEY", "FORMAT_VERSION", "METHODS", "WriteError", "atomic_output",
            "check_output", "convert_to_file", "is_luthier_file", "load_quantized", "quantize_to_file",
@@ -236,14 +236,16 @@ def quantize_to_file(model: str | None, out: str, quant: Any, method: str = "rtn
     (METHODS; calib: file, samples, len, act_order, percdamp) and write a luthier
     file. Returns statistics (seconds, bytes, bits per weight of the block linears)."""
     from . import engine
+    from .quant.calibration import check_calib_bits
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if method in MIXED_METHODS and not ((calib or {}).get("budget") and calib.get("file")):
         raise ValueError(f"--method {method} needs --bpw-budget (average bits per weight, e.g. 4.2) and --calib FILE")
-    if method not in ("rtn",) + MIXED_METHODS and (quant.bits not in SUPPORTED_BITS + ("ternary",) or not (calib or {}).get("file")):
-        raise ValueError(f"--method {method} needs --bits 1-6 or ternary (got {quant.bits}) and --calib FILE "
-                         "(calibration text)")
+    if method not in ("rtn",) + MIXED_METHODS:
+        if not (calib or {}).get("file"):
+            raise ValueError(f"--method {method} needs --calib FILE (calibration text)")
+        check_calib_bits(quant.bits, f"--method {method}")
     out = check_output(out, force)  # before the slow part
     path = engine.resolve_model_path(model)
     t0 = time.perf_counter()
