@@ -7,6 +7,10 @@ which dequantizes to float first. llama.cpp is optional: `pip install ".[bench]"
     python benchmarks/bench_e2e.py                        # SmolLM2, 1 and 2 threads
     python benchmarks/bench_e2e.py --synthetic            # ~1B Llama-shaped random model too
     python benchmarks/bench_e2e.py --json out.json --plot e2e.png
+    python benchmarks/bench_e2e.py --pairs source:SOURCE  # the file's own types in both engines
+
+`source:SOURCE` runs the model file as it is in both engines: luthier with `--bits source`
+(its quantized linears' codes kept, loaders/gguf_codes.py), llama.cpp without requantizing.
 """
 
 from __future__ import annotations
@@ -33,10 +37,14 @@ DEFAULT_PAIRS = "4g128:Q4_0,2g64:Q2_K,tg64:TQ2_0+TQ1_0"
 
 def parse_pairs(text: str) -> list[tuple]:
     """'5g64:Q5_0+Q5_K_M,tg64:TQ2_0' -> [(5, 64, ['Q5_0', 'Q5_K_M']), ('ternary', 64, ['TQ2_0'])]:
-    our bits (t: ternary) and group size, then the llama.cpp types to run beside them."""
+    our bits (t: ternary) and group size, then the llama.cpp types to run beside them;
+    'source:SOURCE' -> [('source', 0, ['SOURCE'])]: the file as it is in both."""
     out = []
     for item in text.split(","):
         ours, _, theirs = item.strip().partition(":")
+        if ours.lower() == "source":
+            out.append(("source", 0, [t for t in theirs.split("+") if t]))
+            continue
         b, _, g = ours.lower().partition("g")
         try:
             out.append(("ternary" if b == "t" else int(b), int(g), [t for t in theirs.split("+") if t]))
@@ -68,7 +76,7 @@ def bench_luthier(path, bits, gs, threads_list, n_prompt, n_gen, head_bits=4) ->
             for i in range(n_gen):
                 m.forward(prompt[i % n_prompt : i % n_prompt + 1], cache, i + 1, last_only=True)
             best_tg = max(best_tg, n_gen / (time.perf_counter() - t0))
-        label = f"ternary-g{gs}" if bits == "ternary" else f"{bits}b-g{gs}"
+        label = "source" if bits == "source" else f"ternary-g{gs}" if bits == "ternary" else f"{bits}b-g{gs}"
         out.append({"engine": "luthier", "type": label, "threads": threads, "pp": best_pp,
                     "tg": best_tg, "weight_mb": lm.weight_bytes_per_token / 1e6,
                     "gbps": best_tg * lm.weight_bytes_per_token / 1e9,
@@ -109,7 +117,7 @@ def bench_llama(path, type_name, threads, n_prompt, n_gen, tmp) -> dict | None:
         import llama_cpp
     except ImportError:
         return None
-    q = os.path.join(tmp, f"{os.path.basename(path)}.{type_name}.gguf")
+    q = path if type_name == "SOURCE" else os.path.join(tmp, f"{os.path.basename(path)}.{type_name}.gguf")
     with _quiet_stderr():
         if not os.path.exists(q):
             llama_quantize(path, q, type_name)

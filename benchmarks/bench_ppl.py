@@ -21,7 +21,9 @@ column shows which types the blocks really got.
     python benchmarks/bench_ppl.py --list                                    # config names
 
 Config names: `luthier:f16` (the float source, --bits 16), `luthier:source` (the original
-file unconverted, --bits 16), `luthier:w{B}g{G}:{rtn|gptq|awq|awq+gptq}` (B 1-6),
+file unconverted, --bits 16), `luthier:codes` (the original file's quantized linears kept
+as they are: `luthier quantize SOURCE --bits source`; not a quantizer, its error is the
+source's own), `luthier:w{B}g{G}:{rtn|gptq|awq|awq+gptq}` (B 1-6),
 `luthier:tg{G}:{rtn|gptq}` (ternary), `luthier:mixed{BPW}g{G}[:{CANDIDATES}]` (bits per
 layer under a budget; candidates as `ppl --mixed-bits` with + for commas, e.g.
 `luthier:mixed4.2g128:3g128+4g128+4g64+4g32`, or `auto`; none: 2,3,4 at G; `awqmixed...`
@@ -70,7 +72,7 @@ LLAMA_TYPES = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_S", "Q2_
 
 
 def all_configs() -> list[str]:
-    out = ["luthier:f16"]
+    out = ["luthier:f16", "luthier:codes"]
     for b in (4, 3, 2):
         for g in (128, 64, 32):
             out += [f"luthier:w{b}g{g}:{m}" for m in LUTHIER_METHODS]
@@ -181,6 +183,8 @@ def parse_luthier(cfg: str) -> dict:
     body = cfg.split(":", 1)[1]
     if body in ("f16", "source"):
         return dict(kind=body)
+    if body == "codes":
+        return dict(kind="codes", group=0, method="source")
     m = re.fullmatch(r"w([1-6])g(\d+):(rtn|gptq|awq|awq\+gptq)", body)
     if m:
         return dict(kind="q", bits=m.group(1), group=int(m.group(2)), method=m.group(3))
@@ -300,11 +304,13 @@ class Bench:
         out = os.path.join(self.files, f"{name}.gguf")
         cmd = luthier_cmd() + ["quantize", self.f16(), "--group-size", str(c["group"]), "--method", c["method"],
                                "-o", out, "--force"]
-        if c["kind"] == "mixed":  # no candidates: 2,3,4 at the group size (the default before "auto")
+        if c["kind"] == "codes":  # the original file, its codes as they are
+            cmd = luthier_cmd() + ["quantize", self.src, "--bits", "source", "-o", out, "--force"]
+        elif c["kind"] == "mixed":  # no candidates: 2,3,4 at the group size (the default before "auto")
             cmd += ["--bpw-budget", str(c["budget"]), "--mixed-bits", c["candidates"] or "2,3,4"]
-        else:
+        elif c["kind"] == "q":
             cmd += ["--bits", str(c["bits"])]
-        if c["method"] != "rtn":
+        if c["method"] not in ("rtn", "source"):
             cmd += ["--calib", a.calib]
         st_path = out + ".json"
         if os.path.isfile(out) and os.path.isfile(st_path) and not a.force:  # --force: the code may have changed
@@ -328,7 +334,8 @@ class Bench:
                         quant_seconds=0.0, ppl_seconds=dt, label="f16" if c["kind"] == "f16" else "source",
                         commands=[shlex.join(["luthier", "ppl", model, "--bits", "16"])])
         bits, group, method = c.get("bits"), c["group"], c["method"]
-        label = ("ternary" if bits == "ternary" else f"W{bits}") + f" g{group} {method.upper()}" \
+        label = "source codes (--bits source)" if c["kind"] == "codes" else \
+            ("ternary" if bits == "ternary" else f"W{bits}") + f" g{group} {method.upper()}" \
             if c["kind"] == "q" else f"{'AWQ+' if method == 'awq+mixed' else ''}mixed {c['budget']} g{group}" + (f" ({c['candidates']})" if c["candidates"] else "")
         # every method writes its file (`luthier quantize`), evaluated as stored: the bytes
         # and bits per weight are the file's own (rows cached before this held an estimate

@@ -61,7 +61,7 @@ def test_exact_mode_equals_dequantized_matmul(bits, n, k, m):
 # ternary has no zero points by definition
 @pytest.mark.parametrize("bits,zeros", [(b, z) for b in BITS for z in (False, True)
                                         if not (b == "ternary" and z)])
-@pytest.mark.parametrize("group_size", [32, 64, 128, 256, "k"])
+@pytest.mark.parametrize("group_size", [16, 32, 64, 128, 256, "k"])  # 16: K-quant sub-blocks
 def test_group_sizes_and_zeros(bits, group_size, zeros):
     rng = np.random.default_rng(7)
     n, k = 45, 512 if group_size != "k" else 200

@@ -16,18 +16,21 @@ from .kernels import QLinear
 from .quant import quantize_rtn, quantize_ternary
 from .quant.qtensor import SUPPORTED_BITS
 
-Bits = int | str  # 1-6 (LUT kernels), "ternary", 8 (int8 kernel), 16 (float)
+Bits = int | str  # 1-6 (LUT kernels), "ternary", 8 (int8 kernel), 16 (float), "source"
 FLOAT_BITS = (8, 16)
+SOURCE = "source"  # a GGUF's quantized linears kept as stored (loaders/gguf_codes.py)
 
 
 def parse_bits(value: str | int) -> Bits:
-    """'2' -> 2, 'ternary' / 't' / '1.58' -> 'ternary'; anything else is a clear error."""
+    """'2' -> 2, 'ternary' / 't' / '1.58' -> 'ternary', 'source'; anything else is a clear error."""
     v = str(value).strip().lower()
     if v in ("ternary", "t", "1.58", "tq"):
         return "ternary"
+    if v == SOURCE:
+        return SOURCE
     if v in {str(b) for b in SUPPORTED_BITS + FLOAT_BITS}:
         return int(v)
-    raise ValueError(f"bits must be one of 1-6, ternary, 8, 16; got {value!r}")
+    raise ValueError(f"bits must be one of 1-6, ternary, 8, 16, source; got {value!r}")
 
 
 def parse_embd_bits(value: str | int) -> int:
@@ -93,9 +96,15 @@ def set_embedding(model: Any, embd_bits: Bits) -> None:
 
 
 def make_linear(w: np.ndarray, bits: Bits, group_size: int, cfg: QuantConfig, n_threads: int):
+    """The linear layer of weights w [n, k] at `bits`. Codes imported from the source (a
+    GPTQ/AWQ checkpoint, or a GGUF under bits "source": placeholders with `.imported`) are
+    used as they are; under "source" a tensor the file stores as float stays float."""
+    imported = getattr(w, "imported", None)
+    if imported is not None:
+        return imported.linear(cfg.mode, n_threads)
     if bits == 8:
         return Int8Linear(w, n_threads)
-    if bits == 16:
+    if bits in (16, SOURCE):
         return FloatLinear(w)
     k = w.shape[1]
     if bits == "ternary":
@@ -154,13 +163,16 @@ def resolve_model_path(model: str | os.PathLike | None) -> str:
     return str(p)
 
 
-def read_float_model(path: str, progress: Callable[[int, int, str], None] | None = None, keep_codes: bool = False):
+def read_float_model(path: str, progress: Callable[[int, int, str], None] | None = None, keep_codes: bool = False,
+                     gguf_codes: bool = False):
     """(ModelArgs, float32 weights by GGUF name, Tokenizer, metadata) of a GGUF file or a
     Hugging Face folder: config.json, *.safetensors (single or sharded, f32/f16/bf16),
     tokenizer.json (+ tokenizer_config.json). HF weights are renamed to the GGUF names the
     model reads (models.hf_names); their Q/K stay in HF's layout, which
     ModelArgs.from_hf_config declares (rope_style "neox"). GPTQ/AWQ checkpoints' linears come
-    dequantized, or with keep_codes as stand-ins holding their codes (loaders/hf_quant.py)."""
+    dequantized, or with keep_codes as stand-ins holding their codes (loaders/hf_quant.py).
+    gguf_codes: a GGUF's block linears of importable types (loaders/gguf_codes.py) come as
+    such stand-ins too; the embeddings, the head and float tensors are read as floats."""
     from .loaders.gguf import GGUFFile
     from .models import ModelArgs
     from .tokenizer import Tokenizer
@@ -189,8 +201,20 @@ def read_float_model(path: str, progress: Callable[[int, int, str], None] | None
     for i, name in enumerate(names):
         if progress:
             progress(i, len(names), f"loading {name}")
-        weights[name] = f.load_float(name)
+        weights[name] = _gguf_weight(f, name, gguf_codes)
     return args, weights, tok, meta
+
+
+def _gguf_weight(f: Any, name: str, codes: bool) -> np.ndarray:
+    """A GGUF tensor as floats, or (codes and an importable block linear) as a stand-in
+    holding its codes, copied out of the memory map."""
+    from .loaders.gguf_codes import IMPORTABLE_TYPES, import_gguf_linear
+    from .loaders.hf_quant import _placeholder
+
+    info = f.tensors[name]
+    if codes and name.startswith("blk.") and len(info.shape) == 2 and info.ggml_type in IMPORTABLE_TYPES:
+        return _placeholder(import_gguf_linear(f.raw(name), info.ggml_type, info.shape, name))
+    return f.load_float(name)
 
 
 def load_model(
@@ -220,7 +244,7 @@ def load_model(
     if is_luthier_file(path):  # `luthier quantize` output: packed arrays memory-mapped as they are
         return load_quantized(path, quant, n_threads, ctx, native, n_seq, kv)
     t0 = time.perf_counter()
-    args, weights, tok, meta = read_float_model(path, progress, keep_codes=True)
+    args, weights, tok, meta = read_float_model(path, progress, keep_codes=True, gguf_codes=quant.bits == SOURCE)
     load_s = time.perf_counter() - t0
     lm = _build(path, args, weights, tok, meta, quant, n_threads, progress, ctx, native, n_seq, kv)
     lm.load_seconds = load_s
@@ -243,11 +267,7 @@ def _build(path, args, weights, tok, meta, quant, n_threads, progress, ctx, nati
         head = name in ("output.weight", "token_embd.weight")
         bits = quant.head_bits if head else quant.bits
         gs = quant.head_group_size if head else quant.group_size
-        imported = getattr(w, "imported", None)  # GPTQ/AWQ codes, used as they are (loaders/hf_quant.py)
-        if imported is not None:
-            lin = imported.linear(quant.mode, n_threads)
-        else:
-            lin = make_linear(w, bits, gs, quant, n_threads)
+        lin = make_linear(w, bits, gs, quant, n_threads)  # imported codes as they are
         linears.append(lin)
         done[0] += 1
         if progress:

@@ -250,7 +250,8 @@ def quantize_to_file(model: str | None, out: str, quant: Any, method: str = "rtn
     path = engine.resolve_model_path(model)
     t0 = time.perf_counter()
     if method == "rtn":
-        args, weights, _, meta = engine.read_float_model(path, progress)
+        source = quant.bits == engine.SOURCE  # imported codes (GGUF types, GPTQ/AWQ) as they are
+        args, weights, _, meta = engine.read_float_model(path, progress, keep_codes=source, gguf_codes=source)
         linears = _rtn_linears(args, weights, quant, progress)
     else:  # the calibrated methods read the model themselves
         args, weights, meta, linears = _calibrated_linears(path, method, quant, calib or {}, progress)

@@ -34,7 +34,8 @@ def add_qfile_parsers(sub: Any) -> None:
     for p in (q, c):
         p.add_argument("-o", "--output", required=True, help="output file (OUT.gguf)")
         p.add_argument("--force", "-f", action="store_true", help="overwrite an existing output file")
-    q.add_argument("--bits", type=parse_bits, default=4, help="linear layer bits: 1-6, ternary (LUT kernels), 8 (int8), 16 (float)")
+    q.add_argument("--bits", type=parse_bits, default=4, help="linear layer bits: 1-6, ternary (LUT kernels), 8 (int8), 16 (float), "
+                   "or source: a GGUF's quantized linears as stored")
     q.add_argument("--group-size", type=int, default=128, help="weights per scale along k")
     q.add_argument("--head-bits", type=parse_bits, default=8, help="output head bits (8: int8 kernel)")
     q.add_argument("--embd-bits", type=parse_embd_bits, default=None,
@@ -85,8 +86,9 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     if a.method == "rtn" and a.calib:
         print("note: --calib is used by the calibrated methods only (gptq, awq, mixed)", file=sys.stderr)
     st = _with_progress_bar(quantize_to_file, a.model, a.output, cfg, a.method, calib, a.force)
+    how = "source codes" if a.bits == "source" else a.method
     print(f"wrote {st['path']}: {st['file_bytes'] / 1e6:.1f} MB; block linears {st['block_bytes'] / 1e6:.1f} MB "
-          f"= {st['bits_per_weight']:.3f} bits/weight; {a.method} {st['quantize_seconds']:.1f} s, "
+          f"= {st['bits_per_weight']:.3f} bits/weight; {how} {st['quantize_seconds']:.1f} s, "
           f"total {st['seconds']:.1f} s", file=sys.stderr)
     return 0
 

