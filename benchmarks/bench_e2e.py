@@ -231,7 +231,8 @@ def main(argv=None) -> int:
     threads = [int(t) for t in a.threads.split(",")]
     # (name, path, our head bits): SmolLM2 8 bits like llama.cpp's Q8_0 head; the synthetic
     # model 4-bit groups of 32 with zeros (5 bits), under llama.cpp's Q6_K (6.56 bits)
-    models = [] if a.no_smollm2 else [("smollm2-135m", a.model or str(smollm2_path()), 8)]
+    name = os.path.basename(a.model).split(".")[0][:14] if a.model else "smollm2-135m"
+    models = [] if a.no_smollm2 else [(name, a.model or str(smollm2_path()), 8)]
     tmp = tempfile.mkdtemp(prefix="luthier-e2e-")  # removed at the end (GB of GGUFs)
     if a.synthetic:
         syn = os.path.join(tmp, "synthetic-1b-f16.gguf")
