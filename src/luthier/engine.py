@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -164,7 +165,7 @@ def resolve_model_path(model: str | os.PathLike | None) -> str:
 
 
 def read_float_model(path: str, progress: Callable[[int, int, str], None] | None = None, keep_codes: bool = False,
-                     gguf_codes: bool = False):
+                     gguf_codes: bool = False, lazy: bool = False):
     """(ModelArgs, float32 weights by GGUF name, Tokenizer, metadata) of a GGUF file or a
     Hugging Face folder: config.json, *.safetensors (single or sharded, f32/f16/bf16),
     tokenizer.json (+ tokenizer_config.json). HF weights are renamed to the GGUF names the
@@ -172,7 +173,9 @@ def read_float_model(path: str, progress: Callable[[int, int, str], None] | None
     ModelArgs.from_hf_config declares (rope_style "neox"). GPTQ/AWQ checkpoints' linears come
     dequantized, or with keep_codes as stand-ins holding their codes (loaders/hf_quant.py).
     gguf_codes: a GGUF's block linears of importable types (loaders/gguf_codes.py) come as
-    such stand-ins too; the embeddings, the head and float tensors are read as floats."""
+    such stand-ins too; the embeddings, the head and float tensors are read as floats.
+    lazy (GGUF): the weights are a LazyGGUFWeights that reads each tensor when asked for,
+    so building a quantized model holds one float tensor at a time; close() it after."""
     from .loaders.gguf import GGUFFile
     from .models import ModelArgs
     from .tokenizer import Tokenizer
@@ -196,6 +199,8 @@ def read_float_model(path: str, progress: Callable[[int, int, str], None] | None
                          "(run or evaluate it as it is, or quantize its source model)")
     args = ModelArgs.from_gguf_metadata(meta)
     tok = Tokenizer.from_gguf_metadata(meta)
+    if lazy:
+        return args, LazyGGUFWeights(f, gguf_codes), tok, meta  # progress: the build's, per linear
     names = list(f.tensors)
     weights: dict[str, np.ndarray] = {}
     for i, name in enumerate(names):
@@ -203,6 +208,34 @@ def read_float_model(path: str, progress: Callable[[int, int, str], None] | None
             progress(i, len(names), f"loading {name}")
         weights[name] = _gguf_weight(f, name, gguf_codes)
     return args, weights, tok, meta
+
+
+class LazyGGUFWeights(Mapping):
+    """A GGUF file's tensors by name, each read (dequantized, or imported as codes) when it
+    is asked for and not kept: a Llama-8B's float weights would be 32 GB at once."""
+
+    def __init__(self, f: Any, codes: bool):
+        self.f, self.codes = f, codes
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.f.tensors:
+            raise KeyError(name)
+        return _gguf_weight(self.f, name, self.codes)
+
+    def __contains__(self, name: object) -> bool:  # without reading it
+        return name in self.f.tensors
+
+    def __iter__(self):
+        return iter(self.f.tensors)
+
+    def __len__(self) -> int:
+        return len(self.f.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.f.tensors[name].shape)
+
+    def close(self) -> None:
+        self.f.close()
 
 
 def _gguf_weight(f: Any, name: str, codes: bool) -> np.ndarray:
@@ -244,9 +277,14 @@ def load_model(
     if is_luthier_file(path):  # `luthier quantize` output: packed arrays memory-mapped as they are
         return load_quantized(path, quant, n_threads, ctx, native, n_seq, kv)
     t0 = time.perf_counter()
-    args, weights, tok, meta = read_float_model(path, progress, keep_codes=True, gguf_codes=quant.bits == SOURCE)
+    args, weights, tok, meta = read_float_model(path, progress, keep_codes=True, gguf_codes=quant.bits == SOURCE,
+                                                lazy=True)
     load_s = time.perf_counter() - t0
-    lm = _build(path, args, weights, tok, meta, quant, n_threads, progress, ctx, native, n_seq, kv)
+    try:
+        lm = _build(path, args, weights, tok, meta, quant, n_threads, progress, ctx, native, n_seq, kv)
+    finally:
+        if isinstance(weights, LazyGGUFWeights):
+            weights.close()
     lm.load_seconds = load_s
     return lm
 
@@ -260,7 +298,8 @@ def _build(path, args, weights, tok, meta, quant, n_threads, progress, ctx, nati
 
     t0 = time.perf_counter()
     linears: list = []
-    total = sum(1 for n, w in weights.items() if w.ndim == 2)
+    shape = getattr(weights, "shape", lambda n: weights[n].shape)  # LazyGGUFWeights: without reading
+    total = sum(1 for n in weights if len(shape(n)) == 2)
     done = [0]
 
     def factory(name: str, w: np.ndarray):
