@@ -229,6 +229,15 @@ def _calibrated_linears(path: str, method: str, quant: Any, calib: dict,
     return lm.args, weights, lm.metadata, linears
 
 
+def _weight_count(lin: Any) -> int:
+    """Weights of a built linear: QLinear (packed), FloatLinear (wt) or Int8Linear."""
+    if hasattr(lin, "packed"):
+        return lin.packed.n * lin.packed.k
+    if hasattr(lin, "wt"):
+        return int(lin.wt.size)
+    return lin.n * lin.k
+
+
 def quantize_to_file(model: str | None, out: str, quant: Any, method: str = "rtn",
                      calib: dict | None = None, force: bool = False,
                      progress: Progress | None = None) -> dict[str, Any]:
@@ -251,17 +260,20 @@ def quantize_to_file(model: str | None, out: str, quant: Any, method: str = "rtn
     t0 = time.perf_counter()
     if method == "rtn":
         source = quant.bits == engine.SOURCE  # imported codes (GGUF types, GPTQ/AWQ) as they are
-        args, weights, _, meta = engine.read_float_model(path, progress, keep_codes=source, gguf_codes=source)
+        args, weights, _, meta = engine.read_float_model(path, progress, keep_codes=source, gguf_codes=source,
+                                                         lazy=True)  # one float tensor at a time
         linears = _rtn_linears(args, weights, quant, progress)
     else:  # the calibrated methods read the model themselves
         args, weights, meta, linears = _calibrated_linears(path, method, quant, calib or {}, progress)
     t_quant = time.perf_counter() - t0
-    floats = {n: w for n, w in weights.items() if n not in linears or n == "token_embd.weight"}
+    floats = {n: weights[n] for n in weights if n not in linears or n == "token_embd.weight"}
+    if isinstance(weights, engine.LazyGGUFWeights):
+        weights.close()
     info = dict(bits=quant.bits, group_size=quant.group_size, head_bits=quant.head_bits,
                 head_group_size=quant.head_group_size, embd_bits=quant.embedding_bits, method=method,
                 mode=quant.mode, symmetric=quant.symmetric)
     write_quantized(out, path, args, meta, floats, linears, info, force, progress)
-    block = [(l, weights[n].size) for n, l in linears.items() if n.startswith("blk.")]
+    block = [(l, _weight_count(l)) for n, l in linears.items() if n.startswith("blk.")]
     qbytes = sum(l.packed.nbytes if hasattr(l, "packed") else l.nbytes for l, _ in block)
     return dict(path=out, seconds=time.perf_counter() - t0, quantize_seconds=t_quant,
                 file_bytes=os.path.getsize(out), block_bytes=qbytes,
