@@ -78,6 +78,10 @@ def test_cli_run_and_info():
     r = subprocess.run([sys.executable, "-m", "luthier.cli", "info"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "llama" in r.stdout and "Q4_1" in r.stdout
+    assert "--bits source: keeps 210 of 210 block linears as stored (Q4_1)" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "luthier.cli", "run", "Once upon a time", "--max-tokens", "8",
+                        "--bits", "source", "--temp", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("Once upon a time") and len(r.stdout) > 20, r.stderr
 
 
 def test_cli_errors_are_clear(tmp_path):

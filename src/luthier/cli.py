@@ -172,7 +172,23 @@ def cmd_info(a) -> int:
     for t in f.tensors.values():
         counts[t.type_name] = counts.get(t.type_name, 0) + 1
     print(f"tensors: {len(f.tensors)} (" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + ")")
+    _info_source_codes(f)
     return 0
+
+
+def _info_source_codes(f) -> None:
+    """Which block linears `--bits source` would keep as they are (loaders/gguf_codes.py)."""
+    from .loaders.gguf_codes import IMPORTABLE_TYPES
+
+    lin = [t for n, t in f.tensors.items() if n.startswith("blk.") and len(t.shape) == 2]
+    kept = [t for t in lin if t.ggml_type in IMPORTABLE_TYPES]
+    if not lin or all(t.type_name in ("F32", "F16", "BF16") for t in lin):
+        return
+    types = sorted({t.type_name for t in kept})
+    print(f"--bits source: keeps {len(kept)} of {len(lin)} block linears as stored"
+          + (f" ({', '.join(types)})" if types else "")
+          + ("; the others are read as floats" if len(kept) < len(lin) else "")
+          + "; other --bits requantize the dequantized weights")
 
 
 def _info_hf_folder(path: str) -> int:
