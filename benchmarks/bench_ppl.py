@@ -23,7 +23,7 @@ column shows which types the blocks really got.
 Config names: `luthier:f16` (the float source, --bits 16), `luthier:source` (the original
 file unconverted, --bits 16), `luthier:codes` (the original file's quantized linears kept
 as they are: `luthier quantize SOURCE --bits source`; not a quantizer, its error is the
-source's own), `luthier:w{B}g{G}:{rtn|gptq|awq|awq+gptq}` (B 1-6),
+source's own; `llama:SOURCE` is the same file in llama.cpp), `luthier:w{B}g{G}:{rtn|gptq|awq|awq+gptq}` (B 1-6),
 `luthier:tg{G}:{rtn|gptq}` (ternary), `luthier:mixed{BPW}g{G}[:{CANDIDATES}]` (bits per
 layer under a budget; candidates as `ppl --mixed-bits` with + for commas, e.g.
 `luthier:mixed4.2g128:3g128+4g128+4g64+4g32`, or `auto`; none: 2,3,4 at G; `awqmixed...`
@@ -316,7 +316,7 @@ class Bench:
         if os.path.isfile(out) and os.path.isfile(st_path) and not a.force:  # --force: the code may have changed
             return out, json.load(open(st_path)), cmd
         text, dt = run(cmd, os.path.join(self.logs, f"{name}.quantize.log"), env=luthier_env())
-        m = re.search(r"= ([0-9.]+) bits/weight; \S+ ([0-9.]+) s, total ([0-9.]+) s", text)
+        m = re.search(r"= ([0-9.]+) bits/weight; .+? ([0-9.]+) s, total ([0-9.]+) s", text)
         st = dict(quantize_seconds=float(m.group(2)) if m else None, wall_seconds=dt, cpu_seconds=LAST_CPU[0],
                   reported_bpw=float(m.group(1)) if m else None)
         json.dump(st, open(st_path, "w"))
@@ -382,6 +382,8 @@ class Bench:
         qcpu: float | None = 0.0
         if t == "F16":
             path, qsec = self.f16(), 0.0
+        elif t == "SOURCE":  # the original file as it is, in llama.cpp (compare luthier:codes)
+            path, qsec = self.src, 0.0
         else:
             path = os.path.join(self.files, f"{name}.gguf")
             im = None

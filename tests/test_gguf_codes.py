@@ -77,15 +77,24 @@ def test_codes_dequantize_like_the_gguf_package(name: str) -> None:
 
 
 def test_constant_groups_of_asymmetric_types() -> None:
-    """A K-quant sub-block with scale 0 holds -min alone: it must not become NaN or 0."""
+    """A group whose scale is 0 holds -min alone (Q4_K: sub-block scale 0; Q4_1 and Q2_K:
+    d = 0): it must not become NaN, 0 or +min."""
     rng = np.random.default_rng(3)
     data, k = blocks_for("Q4_K", 2, rng)
     b = data.reshape(-1, 144)  # (rows, bytes) -> (blocks, 144)
     b[:, 4:16] = np.array([0, 0, 0, 0, 63, 63, 63, 63, 0xF0, 0xF0, 0xF0, 0xF0], np.uint8)  # sc 0, m 63
-    ref = gguf.quants.dequantize(data, QT.Q4_K).reshape(2, k)
-    ours = import_gguf_linear(data.reshape(-1), int(QT.Q4_K), (2, k)).dequantize()
-    assert np.all(ref[:, :32] == ref[:, :1]) and np.any(ref != 0)
-    np.testing.assert_allclose(ours, ref, rtol=2e-3, atol=1e-9)
+    cases = [("Q4_K", data, k)]
+    for name, at in (("Q4_1", 0), ("Q2_K", 80)):  # d = 0 in every block
+        d, kk = blocks_for(name, 2, rng)
+        size = gguf.GGML_QUANT_SIZES[QT[name]][1]
+        d.reshape(-1, size)[:, at : at + 2] = 0
+        cases.append((name, d, kk))
+    for name, raw, kk in cases:
+        ref = gguf.quants.dequantize(raw, QT[name]).reshape(2, kk)
+        ours = import_gguf_linear(raw.reshape(-1), int(QT[name]), (2, kk)).dequantize()
+        g = ref[:, :32].reshape(2, 2, 16)  # [2, 32] -> [2 rows, 2 groups of 16, 16]
+        assert np.all(g == g[..., :1]) and np.any(g != 0), name
+        np.testing.assert_allclose(ours, ref, rtol=2e-3, atol=1e-6, err_msg=name)
 
 
 def test_bad_input_is_a_clear_error() -> None:
@@ -110,6 +119,40 @@ def test_bad_input_is_a_clear_error() -> None:
     assert parse_bits("source") == "source" and parse_bits(" Source ") == "source"
     with pytest.raises(ValueError, match="source"):
         parse_bits("sauce")
+    with pytest.raises(ValueError, match="head-bits"):  # the head is built from floats: no codes to keep
+        QuantConfig(bits="source", head_bits="source")
+
+
+def test_block_linears_that_cannot_be_kept_are_read_as_floats(tmp_path: Path) -> None:
+    """Under --bits source a block linear of a type gguf_codes does not import (MXFP4),
+    or whose scales float16 cannot hold, is dequantized with a warning; float ones quietly."""
+    rng = np.random.default_rng(8)
+    q4, k = blocks_for("Q4_0", 4, rng)
+    mx = random_blocks("MXFP4", 4, k // 32, rng)
+    mx.reshape(-1, 17)[:, 0] = 127  # e8m0 exponents near 1.0
+    q41, _ = blocks_for("Q4_1", 4, rng)
+    q41.reshape(-1, 20)[:, 0:2] = np.array([1e-4], "<f2").view(np.uint8)  # d tiny, m huge: z = -m/d overflows fp16
+    q41.reshape(-1, 20)[:, 2:4] = np.array([-60000.0], "<f2").view(np.uint8)
+    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    w.add_tensor("blk.0.a.weight", q4.reshape(4, -1), raw_dtype=QT.Q4_0)
+    w.add_tensor("blk.0.b.weight", mx.reshape(4, -1), raw_dtype=QT.MXFP4)
+    w.add_tensor("blk.0.c.weight", q41.reshape(4, -1), raw_dtype=QT.Q4_1)
+    w.add_tensor("blk.0.d.weight", rng.standard_normal((4, k)).astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with GGUFFile(tmp_path / "t.gguf") as f:
+        a = engine._gguf_weight(f, "blk.0.a.weight", True)
+        assert a.imported is not None
+        with pytest.warns(UserWarning, match="MXFP4 is not importable"):
+            b = engine._gguf_weight(f, "blk.0.b.weight", True)
+        with pytest.warns(UserWarning, match="float16"):
+            c = engine._gguf_weight(f, "blk.0.c.weight", True)
+        d = engine._gguf_weight(f, "blk.0.d.weight", True)
+        for arr, name in ((b, "b"), (c, "c"), (d, "d")):
+            assert getattr(arr, "imported", None) is None
+            np.testing.assert_array_equal(arr, f.load_float(f"blk.0.{name}.weight"))
 
 
 def _real_files() -> list[Path]:

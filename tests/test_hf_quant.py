@@ -381,6 +381,13 @@ def test_quantized_smollm2_matches_direct_qtensors(tmp_path: Path, smollm2_hf, b
     qt, _ = known["model.layers.3.mlp.down_proj.weight"]
     np.testing.assert_array_equal(floats["blk.3.ffn_down.weight"], qt.dequantize())
     assert not any(isinstance(w, ImportedWeight) for w in floats.values())
+    # `luthier quantize --bits source` stores the checkpoint's codes as they are
+    from luthier.qfile import quantize_to_file
+
+    out_file = tmp_path / "src.gguf"
+    quantize_to_file(str(folder), str(out_file), QuantConfig(bits="source", group_size=64))
+    lf = load_model(str(out_file), n_threads=1, ctx=CTX, kv="f32")
+    np.testing.assert_array_equal(logits(lf.model, ids), logits(lm.model, ids))
 
     from luthier.cli import main
 
@@ -396,6 +403,11 @@ def test_act_order_gptq_smollm2_runs_natively(tmp_path: Path, smollm2_hf) -> Non
     columns by its perm (shared by q/k/v and gate/up when equal), and agrees with the
     numpy Transformer running PermutedQLinear, which is bit-exact to the direct QTensors."""
     folder, known = write_quantized_model(tmp_path, smollm2_hf, 4, False, "gptq_v2", act=True)
+    from luthier.qfile import quantize_to_file
+
+    with pytest.raises(ValueError, match="act-order"):  # the file format holds no column permutation
+        quantize_to_file(str(folder), str(tmp_path / "act.gguf"), QuantConfig(bits="source"))
+    assert not (tmp_path / "act.gguf").exists()
     lm = load_model(folder, WHOLE, n_threads=1, ctx=CTX)
     assert type(lm.model).__name__ == "NativeModel"
     ref = lm.extra["reference"]

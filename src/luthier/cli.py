@@ -180,6 +180,8 @@ def _info_source_codes(f) -> None:
     """Which block linears `--bits source` would keep as they are (loaders/gguf_codes.py)."""
     from .loaders.gguf_codes import IMPORTABLE_TYPES
 
+    if "luthier.format_version" in f.metadata:  # a luthier file runs as stored anyway
+        return
     lin = [t for n, t in f.tensors.items() if n.startswith("blk.") and len(t.shape) == 2]
     kept = [t for t in lin if t.ggml_type in IMPORTABLE_TYPES]
     if not lin or all(t.type_name in ("F32", "F16", "BF16") for t in lin):

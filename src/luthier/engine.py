@@ -52,6 +52,11 @@ class QuantConfig:
     mode: str = "fast"  # LUT tables: measured more accurate than "exact" on SmolLM2 (README)
     symmetric: bool = False
 
+    def __post_init__(self) -> None:
+        if self.head_bits == SOURCE:
+            raise ValueError("--head-bits takes 1-6, ternary, 8 or 16 ('source' applies to the block linears; "
+                             "the default 8-bit head holds a Q8_0 head exactly)")
+
     @property
     def embedding_bits(self) -> Bits:
         if self.embd_bits is not None:
@@ -212,7 +217,8 @@ def read_float_model(path: str, progress: Callable[[int, int, str], None] | None
 
 class LazyGGUFWeights(Mapping):
     """A GGUF file's tensors by name, each read (dequantized, or imported as codes) when it
-    is asked for and not kept: a Llama-8B's float weights would be 32 GB at once."""
+    is asked for and not kept: a Llama-8B's float weights would be 32 GB at once. `in`,
+    len, iteration over names and shape() read no tensor; values()/items() read them all."""
 
     def __init__(self, f: Any, codes: bool):
         self.f, self.codes = f, codes
@@ -239,14 +245,26 @@ class LazyGGUFWeights(Mapping):
 
 
 def _gguf_weight(f: Any, name: str, codes: bool) -> np.ndarray:
-    """A GGUF tensor as floats, or (codes and an importable block linear) as a stand-in
-    holding its codes, copied out of the memory map."""
+    """A GGUF tensor as floats, or (codes and a block linear) as a stand-in holding its
+    codes, copied out of the memory map. A block linear whose codes cannot be kept (a type
+    gguf_codes does not import, e.g. F16 or IQ4_NL, or scales float16 cannot hold) is read
+    as floats, with a warning: make_linear then keeps it float."""
+    import warnings
+
+    from .loaders.gguf import GGUFError
     from .loaders.gguf_codes import IMPORTABLE_TYPES, import_gguf_linear
     from .loaders.hf_quant import _placeholder
 
     info = f.tensors[name]
-    if codes and name.startswith("blk.") and len(info.shape) == 2 and info.ggml_type in IMPORTABLE_TYPES:
-        return _placeholder(import_gguf_linear(f.raw(name), info.ggml_type, info.shape, name))
+    if codes and name.startswith("blk.") and len(info.shape) == 2:
+        why = f"{info.type_name} is not importable"
+        if info.ggml_type in IMPORTABLE_TYPES:
+            try:
+                return _placeholder(import_gguf_linear(f.raw(name), info.ggml_type, info.shape, name))
+            except GGUFError as e:
+                why = str(e)
+        if info.type_name not in ("F32", "F16", "BF16"):  # float stays float: nothing lost, nothing to say
+            warnings.warn(f"--bits source: {name} is read as float32 ({why})", stacklevel=2)
     return f.load_float(name)
 
 

@@ -262,13 +262,21 @@ def quantize_to_file(model: str | None, out: str, quant: Any, method: str = "rtn
         source = quant.bits == engine.SOURCE  # imported codes (GGUF types, GPTQ/AWQ) as they are
         args, weights, _, meta = engine.read_float_model(path, progress, keep_codes=source, gguf_codes=source,
                                                          lazy=True)  # one float tensor at a time
-        linears = _rtn_linears(args, weights, quant, progress)
+        try:
+            linears = _rtn_linears(args, weights, quant, progress)
+            floats = {n: weights[n] for n in weights if n not in linears or n == "token_embd.weight"}
+        finally:
+            if isinstance(weights, engine.LazyGGUFWeights):
+                weights.close()
+        permuted = [n for n, lin in linears.items() if getattr(lin, "perm", None) is not None]
+        if permuted:  # act-order GPTQ imports: the file format has no column permutation
+            raise ValueError(f"{path}: {len(permuted)} act-order (desc_act) GPTQ linears, e.g. {permuted[0]}, "
+                             "cannot be written to a luthier file as they are; run the checkpoint directly, or "
+                             "quantize it with --bits 1-6 (requantizes its dequantized weights)")
     else:  # the calibrated methods read the model themselves
         args, weights, meta, linears = _calibrated_linears(path, method, quant, calib or {}, progress)
+        floats = {n: w for n, w in weights.items() if n not in linears or n == "token_embd.weight"}
     t_quant = time.perf_counter() - t0
-    floats = {n: weights[n] for n in weights if n not in linears or n == "token_embd.weight"}
-    if isinstance(weights, engine.LazyGGUFWeights):
-        weights.close()
     info = dict(bits=quant.bits, group_size=quant.group_size, head_bits=quant.head_bits,
                 head_group_size=quant.head_group_size, embd_bits=quant.embedding_bits, method=method,
                 mode=quant.mode, symmetric=quant.symmetric)

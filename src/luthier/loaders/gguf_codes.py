@@ -154,15 +154,16 @@ IMPORTABLE_TYPES = frozenset(_LUT_TYPES) | {Q8_0}
 def _fp16_scales(scale: np.ndarray, mins: np.ndarray | None, bits: int) -> tuple[np.ndarray, np.ndarray | None]:
     """fp16 (s, z) with s * (q - z) ~= scale * q - min. z is fitted at the middle code, so
     the rounding of s to fp16 errs by at most half the code range times it. A zero scale (a
-    constant group) becomes s = min, z = 1 on code 0: s * (0 - 1) = -min."""
-    s16 = scale.astype(np.float16)
-    if mins is None:
-        return s16, None
-    mid = 0.5 * ((1 << bits) - 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    constant group) becomes s = min, z = 1 on code 0: s * (0 - 1) = -min. Values float16
+    cannot hold come out inf (the caller's error)."""
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        s16 = scale.astype(np.float16)
+        if mins is None:
+            return s16, None
+        mid = 0.5 * ((1 << bits) - 1)
         z = np.where(s16 != 0, mid - (scale * mid - mins) / s16.astype(np.float32), 1.0)
-    s16 = np.where(s16 != 0, s16, mins.astype(np.float16))
-    return s16.astype(np.float16), z.astype(np.float16)
+        s16 = np.where(s16 != 0, s16, mins.astype(np.float16))
+        return s16.astype(np.float16), z.astype(np.float16)
 
 
 @dataclass(frozen=True)
