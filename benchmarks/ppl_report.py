@@ -17,10 +17,11 @@ def log(msg: str) -> None:
 
 
 def llama_frontier(rows: list[dict]) -> list[tuple[float, float]]:
-    """llama.cpp's size/quality curve: its quantized rows (not F16), Pareto-optimal points
-    (no other point has fewer bits and lower perplexity), sorted by bits per weight."""
-    pts = sorted((r["bpw"], r["ppl"]) for r in rows if r["engine"] == "llama" and r["config"] != "llama:F16"
-                 and math.isfinite(r["ppl"]))
+    """llama.cpp's size/quality curve: the files its quantizer made from the float source
+    (not F16, not llama:SOURCE, the published file itself), Pareto-optimal points (no other
+    point has fewer bits and lower perplexity), sorted by bits per weight."""
+    pts = sorted((r["bpw"], r["ppl"]) for r in rows if r["engine"] == "llama"
+                 and r["config"] not in ("llama:F16", "llama:SOURCE") and math.isfinite(r["ppl"]))
     front: list[tuple[float, float]] = []
     for b, p in pts:
         if not front or p < front[-1][1]:
