@@ -240,3 +240,34 @@ def test_imported_linears_run_on_the_kernels(name: str) -> None:
         y = imp.linear(mode, 2)(x)
         assert y.shape == (5, rows)
         assert np.abs(y - ref).max() < 0.02 * np.abs(ref).max(), mode
+
+
+def test_bits_auto_is_source_for_quantized_ggufs(tmp_path: Path) -> None:
+    """The default --bits (auto): a GGUF with importable quantized block linears runs its
+    own codes; a float one (or a folder) is quantized to 4 bits; calibrated methods and
+    `luthier quantize` requantize, so auto means 4 there."""
+    from luthier.engine import AUTO, resolve_auto_bits
+
+    rng = np.random.default_rng(4)
+    q4, k = blocks_for("Q4_0", 4, rng)
+    floats = rng.standard_normal((4, k)).astype(np.float16)
+    for name, tensor, raw in (("q", q4.reshape(4, -1), QT.Q4_0), ("f", floats, None)):
+        w = gguf.GGUFWriter(str(tmp_path / f"{name}.gguf"), "llama")
+        w.add_tensor("blk.0.attn_q.weight", tensor, raw_dtype=raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    assert resolve_auto_bits(str(tmp_path / "q.gguf")) == "source"
+    assert resolve_auto_bits(str(tmp_path / "f.gguf")) == 4
+    assert resolve_auto_bits(str(tmp_path)) == 4
+    assert parse_bits("auto") == AUTO
+    with pytest.raises(ValueError, match="head-bits"):
+        QuantConfig(head_bits="auto")
+    if bundled.smollm2_path() is not None:  # the default model (Q4_1) through the Python API's default
+        import luthier
+
+        llm = luthier.Llama(n_threads=1, n_ctx=64)
+        assert llm._lm.quant.bits == "source"
+        out = llm("Once upon a time", max_tokens=4, temperature=0)
+        assert out["usage"]["completion_tokens"] == 4

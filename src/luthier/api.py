@@ -26,9 +26,10 @@ def _usage(stats) -> dict:
 class Llama:
     """A quantized model ready to generate. Arguments follow llama-cpp-python where they
     overlap (model_path, n_ctx, n_threads, seed, verbose); bits / group_size / head_bits /
-    embd_bits (8 or 16; default 16 with a float head, else 8) / mode choose luthier's quantization of the linear layers."""
+    embd_bits (8 or 16; default 16 with a float head, else 8) / mode choose luthier's quantization of the linear layers.
+    bits "auto" (default): a GGUF's own quantized codes where it has them ("source"), else 4."""
 
-    def __init__(self, model_path: str | None = None, *, bits: int | str = 4, group_size: int = 128,
+    def __init__(self, model_path: str | None = None, *, bits: int | str = "auto", group_size: int = 128,
                  head_bits: int | str = 8, embd_bits: int | None = None, mode: str = "fast",
                  n_ctx: int | None = None,
                  n_threads: int | None = None, seed: int | None = None, verbose: bool = False):

@@ -33,9 +33,10 @@ def _progress_bar():
 def _common(p: argparse.ArgumentParser) -> None:
     from .engine import parse_bits, parse_embd_bits
 
-    p.add_argument("--bits", type=parse_bits, default=4,
-                   help="linear layer bits: 1-6, ternary (LUT kernels), 8 (int8), 16 (float), or source: "
-                        "a GGUF's quantized linears as stored (Q4_0-Q8_0, K-quants, TQ1_0/TQ2_0)")
+    p.add_argument("--bits", type=parse_bits, default="auto",
+                   help="linear layer bits: 1-6, ternary (LUT kernels), 8 (int8), 16 (float); source: a GGUF's "
+                        "quantized linears as stored (Q4_0-Q8_0, K-quants, TQ1_0/TQ2_0); auto (default): source "
+                        "for such a GGUF, else 4")
     p.add_argument("--group-size", type=int, default=128, help="weights per scale along k")
     p.add_argument("--head-bits", type=parse_bits, default=8,
                    help="output head bits (8: int8 kernel; 1-6: LUT; 16: float)")

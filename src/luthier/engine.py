@@ -20,18 +20,37 @@ from .quant.qtensor import SUPPORTED_BITS
 Bits = int | str  # 1-6 (LUT kernels), "ternary", 8 (int8 kernel), 16 (float), "source"
 FLOAT_BITS = (8, 16)
 SOURCE = "source"  # a GGUF's quantized linears kept as stored (loaders/gguf_codes.py)
+AUTO = "auto"  # SOURCE for a GGUF whose block linears are quantized (importable), else 4
+AUTO_FLOAT_BITS = 4
 
 
 def parse_bits(value: str | int) -> Bits:
-    """'2' -> 2, 'ternary' / 't' / '1.58' -> 'ternary', 'source'; anything else is a clear error."""
+    """'2' -> 2, 'ternary' / 't' / '1.58' -> 'ternary', 'source', 'auto'; anything else is a
+    clear error."""
     v = str(value).strip().lower()
     if v in ("ternary", "t", "1.58", "tq"):
         return "ternary"
-    if v == SOURCE:
-        return SOURCE
+    if v in (SOURCE, AUTO):
+        return v
     if v in {str(b) for b in SUPPORTED_BITS + FLOAT_BITS}:
         return int(v)
-    raise ValueError(f"bits must be one of 1-6, ternary, 8, 16, source; got {value!r}")
+    raise ValueError(f"bits must be one of 1-6, ternary, 8, 16, source, auto; got {value!r}")
+
+
+def resolve_auto_bits(path: str) -> Bits:
+    """What bits "auto" means for a model: SOURCE when it is a GGUF whose block linears
+    are stored in types luthier keeps as they are (requantizing a Q4_K_M file's dequantized
+    weights to 4 bits would lose what its quantizer kept), else 4."""
+    if os.path.isdir(path):
+        return AUTO_FLOAT_BITS
+    from .loaders.gguf import GGUFFile
+    from .loaders.gguf_codes import IMPORTABLE_TYPES
+
+    with GGUFFile(path) as f:
+        if "luthier.format_version" in f.metadata:
+            return AUTO_FLOAT_BITS  # a luthier file runs as stored whatever the bits
+        lin = [t for n, t in f.tensors.items() if n.startswith("blk.") and len(t.shape) == 2]
+    return SOURCE if lin and any(t.ggml_type in IMPORTABLE_TYPES for t in lin) else AUTO_FLOAT_BITS
 
 
 def parse_embd_bits(value: str | int) -> int:
@@ -53,9 +72,9 @@ class QuantConfig:
     symmetric: bool = False
 
     def __post_init__(self) -> None:
-        if self.head_bits == SOURCE:
-            raise ValueError("--head-bits takes 1-6, ternary, 8 or 16 ('source' applies to the block linears; "
-                             "the default 8-bit head holds a Q8_0 head exactly)")
+        if self.head_bits in (SOURCE, AUTO):
+            raise ValueError(f"--head-bits takes 1-6, ternary, 8 or 16 ('{self.head_bits}' applies to the block "
+                             "linears; the default 8-bit head holds a Q8_0 head exactly)")
 
     @property
     def embedding_bits(self) -> Bits:
@@ -294,6 +313,10 @@ def load_model(
 
     if is_luthier_file(path):  # `luthier quantize` output: packed arrays memory-mapped as they are
         return load_quantized(path, quant, n_threads, ctx, native, n_seq, kv)
+    if quant.bits == AUTO:
+        from dataclasses import replace
+
+        quant = replace(quant, bits=resolve_auto_bits(path))
     t0 = time.perf_counter()
     args, weights, tok, meta = read_float_model(path, progress, keep_codes=True, gguf_codes=quant.bits == SOURCE,
                                                 lazy=True)

@@ -206,7 +206,7 @@ def _uses_float_linear(lm: Any) -> bool:
 def quantize_calibrated(a: argparse.Namespace, progress: Callable[[int, int, str], None] | None = None):
     """The LoadedModel of a calibrated --method (gptq, awq, awq+gptq, mixed) from parsed
     arguments, and a one-line summary of the quantization."""
-    from .engine import resolve_model_path
+    from .engine import AUTO, AUTO_FLOAT_BITS, resolve_model_path
     from .quant.calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN
     from .quant.gptq import DEFAULT_PERCDAMP
 
@@ -231,6 +231,8 @@ def quantize_calibrated(a: argparse.Namespace, progress: Callable[[int, int, str
                            for b, n in m["counts"].items())
         return lm, (f"{a.method}: {m['layers']} layers, {m['bpw']:.4f} bits/weight (budget {m['budget']}): {counts}; "
                     f"{m['seconds']:.1f} s (sensitivity {m['sensitivity_seconds']:.1f} s)")
+    if a.bits == AUTO:  # the calibrated methods requantize: auto is their default width
+        a.bits = AUTO_FLOAT_BITS
     check_calib_bits(a.bits, f"--method {a.method}")  # before loading, named as the user wrote it
     if a.method == "gptq":
         from .quant.calibration import quantize_model_gptq

@@ -102,12 +102,12 @@ def cmd_convert(a: argparse.Namespace) -> int:
 def ignored_options_note(a: argparse.Namespace, lm: Any) -> str | None:
     """The note a command prints when it loaded a luthier file but was given quantization
     options (ones that differ from both the defaults and the file's; the file wins)."""
-    from .engine import QuantConfig
+    from .engine import AUTO, QuantConfig
 
     if lm.extra.get("qfile") is None:
         return None
     d, q = QuantConfig(), lm.quant
     given = [f"--{attr.replace('_', '-')}" for attr in ("bits", "group_size", "head_bits", "embd_bits", "symmetric")
-             if getattr(a, attr, None) not in (None, getattr(d, attr), getattr(q, attr))]
+             if getattr(a, attr, None) not in (None, AUTO, getattr(d, attr), getattr(q, attr))]
     return (f"note: {lm.path} is a quantized luthier file (bits {q.bits}, group {q.group_size}, head "
             f"{q.head_bits}, {lm.extra.get('method')}): {', '.join(given)} ignored") if given else None

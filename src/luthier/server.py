@@ -194,7 +194,7 @@ def cmd_serve(a) -> int:
     lm = _load(a, n_seq=a.parallel + 1)  # slot 0 stays for scoring and single calls
 
     def ready(url: str) -> None:
-        print(f"luthier: serving {os.path.basename(lm.path)} (bits {a.bits}, ctx {lm.extra.get('ctx')}, "
+        print(f"luthier: serving {os.path.basename(lm.path)} (bits {lm.quant.bits}, ctx {lm.extra.get('ctx')}, "
               f"{a.parallel} parallel, {lm.n_threads} threads) at {url}/v1", file=sys.stderr, flush=True)
 
     try:
