@@ -11,6 +11,13 @@ which dequantizes to float first. llama.cpp is optional: `pip install ".[bench]"
 
 `source:SOURCE` runs the model file as it is in both engines: luthier with `--bits source`
 (its quantized linears' codes kept, loaders/gguf_codes.py), llama.cpp without requantizing.
+
+    python benchmarks/bench_e2e.py --synthetic --no-smollm2 --no-llama --pairs 2g64: --threads 2 --probe 12
+
+--probe R (luthier rows): R rounds of [32 decode steps, one read of bench_kernels' 1 GiB
+probe] at each thread count; the "%probe" column is the median over rounds of the decode
+GB/s (weights read per token x tok/s) over that round's probe GB/s, so the ratio compares
+the two at the same moment on a machine whose bandwidth drifts (issue 3's 85% target).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import cpu_name, git_commit  # noqa: E402
+from bench_kernels import cpu_name, git_commit, probe_once  # noqa: E402
 
 from luthier.engine import QuantConfig, load_model  # noqa: E402
 from luthier.loaders.bundled import smollm2_path  # noqa: E402
@@ -53,7 +60,28 @@ def parse_pairs(text: str) -> list[tuple]:
     return out
 
 
-def bench_luthier(path, bits, gs, threads_list, n_prompt, n_gen, head_bits=4) -> list[dict]:
+def probe_ratio(m, prompt, threads: int, bytes_per_token: int, rounds: int, steps: int = 32) -> dict:
+    """rounds x (steps decode steps, one probe read): median decode GB/s / probe GB/s."""
+    ratios, probes = [], []
+    probe_once(threads)  # page faults of the buffer
+    cache = m.new_cache()
+    m.forward(prompt[:1], cache, 0)
+    pos = 1
+    for _ in range(rounds):
+        if pos + steps >= cache.max_seq_len:
+            cache, pos = m.new_cache(), 0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            m.forward(prompt[pos % len(prompt) : pos % len(prompt) + 1], cache, pos, last_only=True)
+            pos += 1
+        gbps = steps * bytes_per_token / (time.perf_counter() - t0) / 1e9
+        probes.append(probe_once(threads))
+        ratios.append(gbps / probes[-1])
+    return {"probe_ratio": float(np.median(ratios)), "probe_ratio_min": float(min(ratios)),
+            "probe_ratio_max": float(max(ratios)), "probe_gbps": float(np.median(probes))}
+
+
+def bench_luthier(path, bits, gs, threads_list, n_prompt, n_gen, head_bits=4, probe_rounds=0) -> list[dict]:
     """One load and quantization, measured at every thread count."""
     lm = load_model(path, QuantConfig(bits=bits, group_size=gs, head_bits=head_bits),
                     n_threads=threads_list[0], ctx=n_prompt + n_gen + 8)
@@ -81,6 +109,8 @@ def bench_luthier(path, bits, gs, threads_list, n_prompt, n_gen, head_bits=4) ->
                     "tg": best_tg, "weight_mb": lm.weight_bytes_per_token / 1e6,
                     "gbps": best_tg * lm.weight_bytes_per_token / 1e9,
                     "quantize_s": lm.quantize_seconds})
+        if probe_rounds:
+            out[-1].update(probe_ratio(m, prompt, threads, lm.weight_bytes_per_token, probe_rounds))
     return out
 
 
@@ -225,6 +255,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", default=DEFAULT_PAIRS,
                     help=f"our BITSgGROUP (t: ternary) and llama.cpp types, e.g. 5g64:Q5_0,6g64:Q6_K "
                          f"(default {DEFAULT_PAIRS})")
+    ap.add_argument("--probe", type=int, default=0, metavar="R",
+                    help="luthier rows: R rounds of decode steps interleaved with a read-bandwidth probe")
     ap.add_argument("--json")
     ap.add_argument("--plot")
     a = ap.parse_args(argv)
@@ -241,11 +273,11 @@ def main(argv=None) -> int:
     print(f"# {cpu_name()}, commit {git_commit()}; command: python benchmarks/bench_e2e.py "
           + " ".join(argv or sys.argv[1:]))
     print(f"{'model':<14} {'engine':<9} {'type':<12} {'thr':>3} {'pp tok/s':>9} {'tg tok/s':>9} "
-          f"{'MB/tok':>7} {'GB/s':>6}")
+          f"{'MB/tok':>7} {'GB/s':>6}" + ("  %probe (rounds)" if a.probe else ""))
     records = []
     for name, path, head_bits in models:
         for bits, gs, ltypes in parse_pairs(a.pairs):
-            runs = bench_luthier(path, bits, gs, threads, a.prompt, a.gen, head_bits)
+            runs = bench_luthier(path, bits, gs, threads, a.prompt, a.gen, head_bits, a.probe)
             if not a.no_llama:
                 for lt in ltypes:
                     for t in threads:
@@ -255,8 +287,10 @@ def main(argv=None) -> int:
             for r in runs:
                 r["model"] = name
                 records.append(r)
+                pr = (f" {100 * r['probe_ratio']:>5.0f}% of {r['probe_gbps']:.1f} GB/s "
+                      f"({100 * r['probe_ratio_min']:.0f}-{100 * r['probe_ratio_max']:.0f}%)") if "probe_ratio" in r else ""
                 print(f"{name:<14} {r['engine']:<9} {r['type']:<12} {r['threads']:>3} {r['pp']:>9.1f} "
-                      f"{r['tg']:>9.1f} {r['weight_mb']:>7.1f} {r['gbps']:>6.2f}", flush=True)
+                      f"{r['tg']:>9.1f} {r['weight_mb']:>7.1f} {r['gbps']:>6.2f}{pr}", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
     if a.json:
         with open(a.json, "w") as f:
