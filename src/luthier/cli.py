@@ -219,7 +219,7 @@ def cmd_bench(a) -> int:
 
     lm = _load(a)
     q = lm.quant  # a quantized file's own settings, else the options
-    print(f"# {os.path.basename(lm.path)}  bits={q.bits} group={q.group_size} "
+    print(f"# {os.path.basename(lm.path)}  bits={q.bits} group={q.group_size if q.bits != 'source' else 'as stored'} "
           f"head_bits={q.head_bits} mode={q.mode} threads={lm.n_threads}")
     print(f"# load {lm.load_seconds:.2f} s, quantize {lm.quantize_seconds:.2f} s, "
           f"linear weights {lm.linear_bytes / 1e6:.1f} MB")

@@ -40,7 +40,8 @@ def quantize_q8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         sc = (np.abs(wb).max(-1) / 127.0).astype(np.float16)
         sc = np.where(sc > 0, sc, np.float16(1.0)).astype(np.float16)  # codes against fp16 scales
         s[r0:r1] = sc
-        q[r0:r1] = np.clip(np.rint(wb / sc.astype(np.float32)[..., None]), -127, 127).astype(np.int8).reshape(r1 - r0, kp)
+        qb = np.clip(np.rint(wb / sc.astype(np.float32)[..., None]), -127, 127).astype(np.int8)
+        q[r0:r1] = qb.reshape(r1 - r0, kp)  # [rows, blocks, 32] -> [rows, kp]
     return q, s.view(np.uint16)
 
 
