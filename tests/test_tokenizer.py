@@ -653,3 +653,25 @@ def test_bad_metadata_is_rejected(smol_meta: dict) -> None:
     for change in bad:
         with pytest.raises(ValueError):
             Tokenizer.from_gguf_metadata({**base, **change})
+
+
+def test_meta_arrays_from_numpy_are_checked_by_dtype() -> None:
+    """The GGUF loader gives numeric arrays as numpy: accepted by dtype (the same Python
+    values as the per-element path), rejected when their dtype is not the kind's."""
+    import numpy as np
+
+    from luthier.tokenizer_vocab import _meta_array
+
+    ints = np.array([1, 3, 6, 2], np.int32)
+    scores = np.array([-1.5, 0.25, 3.0], np.float32)
+    got = _meta_array({"k": ints}, "k", int, 3)
+    assert got == [1, 3, 6] and all(type(x) is int for x in got)
+    assert _meta_array({"k": ints}, "k", int) == _meta_array({"k": ints.tolist()}, "k", int)
+    got = _meta_array({"k": scores}, "k", float)
+    assert got == [-1.5, 0.25, 3.0] and all(type(x) is float for x in got)
+    assert _meta_array({"k": ints}, "k", float) == [1.0, 3.0, 6.0, 2.0]
+    for bad, kind in ((np.array([True, False]), int), (scores, int), (np.ones((2, 2), np.int32), int)):
+        with pytest.raises(ValueError, match="must be an array of"):
+            _meta_array({"k": bad}, "k", kind)
+    with pytest.raises(ValueError, match="entries for 5 tokens"):
+        _meta_array({"k": ints}, "k", int, 5)
