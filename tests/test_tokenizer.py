@@ -658,8 +658,6 @@ def test_bad_metadata_is_rejected(smol_meta: dict) -> None:
 def test_meta_arrays_from_numpy_are_checked_by_dtype() -> None:
     """The GGUF loader gives numeric arrays as numpy: accepted by dtype (the same Python
     values as the per-element path), rejected when their dtype is not the kind's."""
-    import numpy as np
-
     from luthier.tokenizer_vocab import _meta_array
 
     ints = np.array([1, 3, 6, 2], np.int32)
