@@ -44,6 +44,32 @@ def blocks_for(name: str, rows: int, rng: np.random.Generator) -> tuple[np.ndarr
     return data, per_row * block
 
 
+def write_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, QT | None]]) -> None:
+    """A GGUF holding these tensors (raw bytes of raw_dtype, or float arrays when None)."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    for name, (data, raw) in tensors.items():
+        w.add_tensor(name, data, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+PROMPT = "The capital of France is Paris, and the capital of Germany is"
+
+
+def follows_float(path: str, lm) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(prompt ids, lm's last logits, the float model's) after checking that lm, running
+    the file's codes, picks the float model's next token and correlates with its logits."""
+    ids = np.array(lm.tokenizer.encode(PROMPT))
+    got = lm.model.forward(ids, lm.model.new_cache(64), 0)[-1]
+    fl = load_model(path, QuantConfig(bits=16), n_threads=2, ctx=64)
+    want = fl.model.forward(ids, fl.model.new_cache(64), 0)[-1]
+    assert np.argmax(got) == np.argmax(want)
+    assert np.corrcoef(got, want)[0, 1] > 0.999
+    return ids, got, want
+
+
 def check_close(ours: np.ndarray, ref: np.ndarray, step: np.ndarray, bits: int) -> None:
     """Errors of an fp16-rounded scale and zero: a 2^-10 share of the value and of the code
     range's span (2^bits steps)."""
@@ -133,15 +159,10 @@ def test_block_linears_that_cannot_be_kept_are_read_as_floats(tmp_path: Path) ->
     q41, _ = blocks_for("Q4_1", 4, rng)
     q41.reshape(-1, 20)[:, 0:2] = np.array([1e-4], "<f2").view(np.uint8)  # d tiny, m huge: z = -m/d overflows fp16
     q41.reshape(-1, 20)[:, 2:4] = np.array([-60000.0], "<f2").view(np.uint8)
-    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
-    w.add_tensor("blk.0.a.weight", q4.reshape(4, -1), raw_dtype=QT.Q4_0)
-    w.add_tensor("blk.0.b.weight", mx.reshape(4, -1), raw_dtype=QT.MXFP4)
-    w.add_tensor("blk.0.c.weight", q41.reshape(4, -1), raw_dtype=QT.Q4_1)
-    w.add_tensor("blk.0.d.weight", rng.standard_normal((4, k)).astype(np.float16))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_gguf(tmp_path / "t.gguf", {"blk.0.a.weight": (q4.reshape(4, -1), QT.Q4_0),
+                                     "blk.0.b.weight": (mx.reshape(4, -1), QT.MXFP4),
+                                     "blk.0.c.weight": (q41.reshape(4, -1), QT.Q4_1),
+                                     "blk.0.d.weight": (rng.standard_normal((4, k)).astype(np.float16), None)})
     with GGUFFile(tmp_path / "t.gguf") as f:
         a = engine._gguf_weight(f, "blk.0.a.weight", True)
         assert a.imported is not None
@@ -200,12 +221,7 @@ def test_bits_source_runs_the_files_own_codes(tmp_path: Path) -> None:
     assert len(blocks) == 7 * lm.args.n_layers
     assert {(b.packed.bits, b.packed.group_size, b.packed.z is not None) for b in blocks} == {(4, 32, True)}
     assert sum(isinstance(lin, Int8Linear) for lin in lins) == 1  # the head, 8 bits by default
-    ids = np.array(lm.tokenizer.encode("The capital of France is Paris, and the capital of Germany is"))
-    got = lm.model.forward(ids, lm.model.new_cache(64), 0)[-1]
-    fl = load_model(src, QuantConfig(bits=16), n_threads=2, ctx=64)
-    want = fl.model.forward(ids, fl.model.new_cache(64), 0)[-1]
-    assert np.argmax(got) == np.argmax(want)
-    assert np.corrcoef(got, want)[0, 1] > 0.999
+    ids, got, want = follows_float(src, lm)
     # the same weights from a 4-bit RTN of the float source are further from it
     rq = load_model(src, QuantConfig(bits=4, group_size=32), n_threads=2, ctx=64)
     rtn = rq.model.forward(ids, rq.model.new_cache(64), 0)[-1]
@@ -250,14 +266,8 @@ def test_bits_auto_is_source_for_quantized_ggufs(tmp_path: Path) -> None:
 
     rng = np.random.default_rng(4)
     q4, k = blocks_for("Q4_0", 4, rng)
-    floats = rng.standard_normal((4, k)).astype(np.float16)
-    for name, tensor, raw in (("q", q4.reshape(4, -1), QT.Q4_0), ("f", floats, None)):
-        w = gguf.GGUFWriter(str(tmp_path / f"{name}.gguf"), "llama")
-        w.add_tensor("blk.0.attn_q.weight", tensor, raw_dtype=raw)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+    write_gguf(tmp_path / "q.gguf", {"blk.0.attn_q.weight": (q4.reshape(4, -1), QT.Q4_0)})
+    write_gguf(tmp_path / "f.gguf", {"blk.0.attn_q.weight": (rng.standard_normal((4, k)).astype(np.float16), None)})
     assert resolve_auto_bits(str(tmp_path / "q.gguf")) == "source"
     assert resolve_auto_bits(str(tmp_path / "f.gguf")) == 4
     assert resolve_auto_bits(str(tmp_path)) == 4
@@ -290,9 +300,4 @@ def test_gemma_q4_k_m_runs_its_codes_natively() -> None:
     kinds = {(lin.packed.bits, lin.packed.group_size) if isinstance(lin, QLinear) else type(lin).__name__
              for lin in lm.extra["linears"]}
     assert {(5, 32), (4, 32), (6, 16), "Int8Linear"} <= kinds
-    ids = np.array(lm.tokenizer.encode("The capital of France is Paris, and the capital of Germany is"))
-    got = lm.model.forward(ids, lm.model.new_cache(64), 0)[-1]
-    fl = load_model(path, QuantConfig(bits=16), n_threads=2, ctx=64)
-    want = fl.model.forward(ids, fl.model.new_cache(64), 0)[-1]
-    assert np.argmax(got) == np.argmax(want)
-    assert np.corrcoef(got, want)[0, 1] > 0.999
+    follows_float(path, lm)

@@ -179,13 +179,14 @@ def cmd_info(a) -> int:
 
 def _info_source_codes(f) -> None:
     """Which block linears `--bits source` would keep as they are (loaders/gguf_codes.py)."""
-    from .loaders.gguf_codes import IMPORTABLE_TYPES
+    from .loaders.gguf_codes import FLOAT_TYPE_NAMES, IMPORTABLE_TYPES, block_linears
+    from .qfile import FORMAT_KEY
 
-    if "luthier.format_version" in f.metadata:  # a luthier file runs as stored anyway
+    if FORMAT_KEY in f.metadata:  # a luthier file runs as stored anyway
         return
-    lin = [t for n, t in f.tensors.items() if n.startswith("blk.") and len(t.shape) == 2]
+    lin = block_linears(f.tensors)
     kept = [t for t in lin if t.ggml_type in IMPORTABLE_TYPES]
-    if not lin or all(t.type_name in ("F32", "F16", "BF16") for t in lin):
+    if not lin or all(t.type_name in FLOAT_TYPE_NAMES for t in lin):
         return
     types = sorted({t.type_name for t in kept})
     print(f"--bits source: keeps {len(kept)} of {len(lin)} block linears as stored"
@@ -219,7 +220,7 @@ def cmd_bench(a) -> int:
 
     lm = _load(a)
     q = lm.quant  # a quantized file's own settings, else the options
-    print(f"# {os.path.basename(lm.path)}  bits={q.bits} group={q.group_size if q.bits != 'source' else 'as stored'} "
+    print(f"# {os.path.basename(lm.path)}  bits={q.bits} group={q.group_label} "
           f"head_bits={q.head_bits} mode={q.mode} threads={lm.n_threads}")
     print(f"# load {lm.load_seconds:.2f} s, quantize {lm.quantize_seconds:.2f} s, "
           f"linear weights {lm.linear_bytes / 1e6:.1f} MB")

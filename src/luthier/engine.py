@@ -44,13 +44,11 @@ def resolve_auto_bits(path: str) -> Bits:
     if os.path.isdir(path):
         return AUTO_FLOAT_BITS
     from .loaders.gguf import GGUFFile
-    from .loaders.gguf_codes import IMPORTABLE_TYPES
+    from .loaders.gguf_codes import IMPORTABLE_TYPES, block_linears
 
-    with GGUFFile(path) as f:
-        if "luthier.format_version" in f.metadata:
-            return AUTO_FLOAT_BITS  # a luthier file runs as stored whatever the bits
-        lin = [t for n, t in f.tensors.items() if n.startswith("blk.") and len(t.shape) == 2]
-    return SOURCE if lin and any(t.ggml_type in IMPORTABLE_TYPES for t in lin) else AUTO_FLOAT_BITS
+    with GGUFFile(path) as f:  # (a luthier file's arrays are I8/F16/F32: never importable)
+        lin = block_linears(f.tensors)
+    return SOURCE if any(t.ggml_type in IMPORTABLE_TYPES for t in lin) else AUTO_FLOAT_BITS
 
 
 def parse_embd_bits(value: str | int) -> int:
@@ -75,6 +73,11 @@ class QuantConfig:
         if self.head_bits in (SOURCE, AUTO):
             raise ValueError(f"--head-bits takes 1-6, ternary, 8 or 16 ('{self.head_bits}' applies to the block "
                              "linears; the default 8-bit head holds a Q8_0 head exactly)")
+
+    @property
+    def group_label(self) -> int | str:
+        """The group size as printed: codes kept from the source have their own groups."""
+        return "as stored" if self.bits == SOURCE else self.group_size
 
     @property
     def embedding_bits(self) -> Bits:
@@ -271,18 +274,18 @@ def _gguf_weight(f: Any, name: str, codes: bool) -> np.ndarray:
     import warnings
 
     from .loaders.gguf import GGUFError
-    from .loaders.gguf_codes import IMPORTABLE_TYPES, import_gguf_linear
+    from .loaders.gguf_codes import FLOAT_TYPE_NAMES, IMPORTABLE_TYPES, import_gguf_linear, is_block_linear
     from .loaders.hf_quant import _placeholder
 
     info = f.tensors[name]
-    if codes and name.startswith("blk.") and len(info.shape) == 2:
+    if codes and is_block_linear(name, info.shape):
         why = f"{info.type_name} is not importable"
         if info.ggml_type in IMPORTABLE_TYPES:
             try:
                 return _placeholder(import_gguf_linear(f.raw(name), info.ggml_type, info.shape, name))
             except GGUFError as e:
                 why = str(e)
-        if info.type_name not in ("F32", "F16", "BF16"):  # float stays float: nothing lost, nothing to say
+        if info.type_name not in FLOAT_TYPE_NAMES:  # float stays float: nothing lost, nothing to say
             warnings.warn(f"--bits source: {name} is read as float32 ({why})", stacklevel=2)
     return f.load_float(name)
 

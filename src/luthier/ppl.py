@@ -276,8 +276,7 @@ def cmd_ppl(a: argparse.Namespace) -> int:
         model = lm.extra["reference"]
     q = lm.quant  # what the model holds: a quantized file's own settings, not the options
     method = lm.extra.get("method") or a.method
-    group = q.group_size if q.bits != "source" else "as stored"
-    print(f"ppl: {lm.path}  bits={q.bits} group={group} head_bits={q.head_bits} "
+    print(f"ppl: {lm.path}  bits={q.bits} group={q.group_label} head_bits={q.head_bits} "
           f"method={method} ctx={a.ctx} backend={'numpy' if use_numpy else 'native'}", file=sys.stderr)
 
     def progress(done: int, total: int, ppl: float) -> None:

@@ -74,7 +74,7 @@ def _with_progress_bar(fn: Callable[..., dict], *args: Any) -> dict:
 
 
 def cmd_quantize(a: argparse.Namespace) -> int:
-    from .engine import QuantConfig
+    from .engine import SOURCE, QuantConfig
     from .quant.calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN
     from .quant.gptq import DEFAULT_PERCDAMP
 
@@ -86,7 +86,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     if a.method == "rtn" and a.calib:
         print("note: --calib is used by the calibrated methods only (gptq, awq, mixed)", file=sys.stderr)
     st = _with_progress_bar(quantize_to_file, a.model, a.output, cfg, a.method, calib, a.force)
-    how = "source codes" if a.bits == "source" else a.method
+    how = "source codes" if a.bits == SOURCE else a.method
     print(f"wrote {st['path']}: {st['file_bytes'] / 1e6:.1f} MB; block linears {st['block_bytes'] / 1e6:.1f} MB "
           f"= {st['bits_per_weight']:.3f} bits/weight; {how} {st['quantize_seconds']:.1f} s, "
           f"total {st['seconds']:.1f} s", file=sys.stderr)

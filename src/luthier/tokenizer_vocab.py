@@ -125,21 +125,18 @@ def _meta_array(meta: Mapping[str, Any], key: str, kind: type, n: int | None = N
     v = meta.get(key)
     if v is None:
         return None
-    kinds = {int: "iu", float: "iuf"}.get(kind, "")
     dt = getattr(v, "dtype", None)
-    if dt is not None and getattr(v, "ndim", 0) == 1 and dt.kind in kinds:
-        # a numeric numpy array (the GGUF loader's): its dtype is the check, not 262144 calls
-        if n is not None and len(v) < n:
-            raise ValueError(f"GGUF key {key!r} has {len(v)} entries for {n} tokens")
-        v = v[:n] if n is not None else v
-        return (v.astype("f8") if kind is float else v).tolist()
-    if hasattr(v, "tolist") and not isinstance(v, (list, tuple)):
-        v = v.tolist()  # numpy arrays from a fast loader
-    if not isinstance(v, (list, tuple)):
+    # a numeric numpy array (the GGUF loader's): its dtype is the check, not 262144 calls
+    by_dtype = dt is not None and getattr(v, "ndim", 0) == 1 and dt.kind in {int: "iu", float: "iuf"}.get(kind, "")
+    if not by_dtype and hasattr(v, "tolist") and not isinstance(v, (list, tuple)):
+        v = v.tolist()  # other numpy arrays: checked element by element
+    if not by_dtype and not isinstance(v, (list, tuple)):
         raise ValueError(f"GGUF key {key!r} must be an array, got {type(v).__name__}")
     if n is not None and len(v) < n:  # llama.cpp rejects short arrays too
         raise ValueError(f"GGUF key {key!r} has {len(v)} entries for {n} tokens")
     v = v[:n] if n is not None else v
+    if by_dtype:
+        return (v.astype("f8") if kind is float else v).tolist()
     if not all(map(_ELEMENT_OK[kind], v)):
         raise ValueError(f"GGUF key {key!r} must be an array of {kind.__name__}")
     return [kind(x) for x in v]

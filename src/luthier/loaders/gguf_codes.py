@@ -22,7 +22,9 @@ dequantize those.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -149,6 +151,17 @@ _LUT_TYPES = {
 }
 Q8_0 = 8
 IMPORTABLE_TYPES = frozenset(_LUT_TYPES) | {Q8_0}
+FLOAT_TYPE_NAMES = ("F32", "F16", "BF16")  # a float block linear stays float under --bits source
+
+
+def is_block_linear(name: str, shape: tuple[int, ...]) -> bool:
+    """A transformer block's 2-D weight (q, k, v, o, gate, up, down): what --bits source keeps."""
+    return name.startswith("blk.") and len(shape) == 2
+
+
+def block_linears(tensors: Mapping[str, Any]) -> list[Any]:
+    """The tensor infos (GGUFFile.tensors values) of a file's block linears."""
+    return [t for n, t in tensors.items() if is_block_linear(n, t.shape)]
 
 
 def _fp16_scales(scale: np.ndarray, mins: np.ndarray | None, bits: int) -> tuple[np.ndarray, np.ndarray | None]:
