@@ -51,3 +51,18 @@ def test_tokenize_roundtrip_and_seed(llm):
     b = llm("Once", max_tokens=6, temperature=1.0, seed=11)["choices"][0]["text"]
     assert a == b
     assert llm.stats.decode_tps > 0
+
+
+def test_chat_turns_reuse_the_kept_kv(llm):
+    msgs = [{"role": "user", "content": "Name a color."}]
+    first = llm.create_chat_completion(msgs, temperature=0, max_tokens=12)
+    n1 = first["usage"]["prompt_tokens"]
+    msgs += [first["choices"][0]["message"], {"role": "user", "content": "And another one?"}]
+    second = llm.create_chat_completion(msgs, temperature=0, max_tokens=12)
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    # at least the whole first prompt is reused (the template repeats it verbatim)
+    assert n1 <= cached < second["usage"]["prompt_tokens"]
+    llm.reset()
+    fresh = llm.create_chat_completion(msgs, temperature=0, max_tokens=12)
+    assert fresh["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert fresh["choices"][0]["message"] == second["choices"][0]["message"]

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from luthier.engine import QuantConfig, load_model
-from luthier.generate import StopMatcher, generate, generate_stream
+from luthier.generate import PromptCache, StopMatcher, generate, generate_stream
 from luthier.loaders.bundled import smollm2_path
 from luthier.sample import Sampler
 
@@ -65,6 +65,81 @@ def test_chat_template_generation_ends_with_eos(lm):
 def test_prompt_longer_than_context_is_an_error(lm):
     with pytest.raises(ValueError, match="context"):
         generate(lm, list(range(300)), max_tokens=4)
+
+
+def _counting(lm):
+    """Wraps lm.model.forward to count the tokens fed; returns the counter (a list)."""
+    fed = [0]
+    forward = lm.model.forward
+
+    def counted(tokens, *a, **k):
+        fed[0] += len(tokens)
+        return forward(tokens, *a, **k)
+
+    lm.model.forward = counted
+    return fed
+
+
+def _tokens(lm, ids, cache=None, n=10):
+    chunks = list(generate_stream(lm, ids, max_tokens=n, prompt_cache=cache))
+    return [c.token for c in chunks if c.token is not None], chunks[-1].stats
+
+
+@needs_model
+@pytest.mark.parametrize("native", [True, False])
+def test_prompt_cache_feeds_only_new_tokens_and_changes_nothing(native):
+    lm = load_model(None, QuantConfig(bits=4, group_size=64), n_threads=2, ctx=256, native=native)
+    a = lm.tokenizer.encode("The capital of France is")
+    pc = PromptCache()
+    t1, st1 = _tokens(lm, a, pc)
+    assert st1.cached_tokens == 0 and len(t1) == 10
+    # the next turn: previous prompt + completion + more; the last sampled token was never fed
+    b = a + t1 + lm.tokenizer.encode(" and the capital of Italy is", add_bos=False)
+    fed = _counting(lm)
+    t2, st2 = _tokens(lm, b, pc)
+    assert st2.cached_tokens == len(a) + len(t1) - 1
+    assert fed[0] == len(b) - st2.cached_tokens + len(t2) - 1
+    # a prompt that leaves the cached sequence midway rewinds to where they part
+    c = b[:len(a) + 3] + lm.tokenizer.encode(" Rome, Berlin", add_bos=False)
+    t3, st3 = _tokens(lm, c, pc)
+    assert st3.cached_tokens == len(a) + 3
+    # the same prompt again: all but its last token come from the cache
+    again, st4 = _tokens(lm, c, pc)
+    assert again == t3 and st4.cached_tokens == len(c) - 1
+    # fresh caches (which empty the native slot pc used) give the very same tokens
+    assert t2 == _tokens(lm, b)[0] and t3 == _tokens(lm, c)[0]
+
+
+@needs_model
+def test_prompt_cache_is_dropped_when_its_slot_is_reused(lm):
+    ids = lm.tokenizer.encode("One, two, three,")
+    pc = PromptCache()
+    _tokens(lm, ids, pc, n=4)
+    _tokens(lm, ids, n=4)  # another generation empties the native slot the cache used
+    assert _tokens(lm, ids, pc, n=4)[1].cached_tokens == 0
+    assert _tokens(lm, ids, pc, n=4)[1].cached_tokens == len(ids) - 1
+
+
+@needs_model
+def test_prompt_cache_refuses_interleaved_streams(lm):
+    pc = PromptCache()
+    first = generate_stream(lm, lm.tokenizer.encode("Once upon a time"), max_tokens=20, prompt_cache=pc)
+    next(first)
+    _tokens(lm, lm.tokenizer.encode("Far away"), pc, n=3)
+    with pytest.raises(RuntimeError, match="one stream at a time"):
+        list(first)
+
+
+@needs_model
+def test_cli_chat_reuses_the_conversation():
+    r = subprocess.run([sys.executable, "-m", "luthier.cli", "chat", "--max-tokens", "12", "--verbose",
+                        "--bits", "4", "--group-size", "64"], input="Hello!\nWhat is 2 + 2?\n\n",
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    stats = [ln for ln in r.stderr.splitlines() if ln.startswith("[prompt")]
+    assert len(stats) == 2 and "cached" not in stats[0]
+    # the second turn's prompt starts with the first turn's prompt and answer
+    assert int(stats[1].split("(")[1].split()[0]) > int(stats[0].split()[1])
 
 
 @needs_model

@@ -14,20 +14,25 @@ import uuid
 from typing import Any, Iterator, Sequence
 
 from .engine import QuantConfig, load_model, parse_bits
-from .generate import GenerationChunk, generate_stream
+from .generate import GenerationChunk, PromptCache, generate_stream
 from .sample import Sampler
 
 
 def _usage(stats) -> dict:
     return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
-            "total_tokens": stats.prompt_tokens + stats.completion_tokens}
+            "total_tokens": stats.prompt_tokens + stats.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
 
 
 class Llama:
     """A quantized model ready to generate. Arguments follow llama-cpp-python where they
     overlap (model_path, n_ctx, n_threads, seed, verbose); bits / group_size / head_bits /
     embd_bits (8 or 16; default 16 with a float head, else 8) / mode choose luthier's quantization of the linear layers.
-    bits "auto" (default): a GGUF's own quantized codes where it has them ("source"), else 4."""
+    bits "auto" (default): a GGUF's own quantized codes where it has them ("source"), else 4.
+    The KV of the last generation is kept (as llama-cpp-python does): a prompt that starts
+    like the previous prompt + completion (the next turn of a chat) feeds only the new
+    tokens; usage.prompt_tokens_details.cached_tokens says how many were reused.
+    `reset()` drops it."""
 
     def __init__(self, model_path: str | None = None, *, bits: int | str = "auto", group_size: int = 128,
                  head_bits: int | str = 8, embd_bits: int | None = None, mode: str = "fast",
@@ -39,6 +44,11 @@ class Llama:
         self.model_path = self._lm.path
         self.seed = seed
         self.verbose = verbose
+        self._prompt_cache = PromptCache()
+
+    def reset(self) -> None:
+        """Forget the kept KV cache: the next prompt is fed from its first token."""
+        self._prompt_cache.clear()
 
     # -- tokens ---------------------------------------------------------------------------
     def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:
@@ -70,7 +80,8 @@ class Llama:
         if isinstance(stop, str):
             stop = [stop]
         max_tokens = self.n_ctx() - len(ids) if max_tokens is None or max_tokens <= 0 else max_tokens
-        for ch in generate_stream(self._lm, ids, max_tokens, sampler, stop=stop or []):
+        for ch in generate_stream(self._lm, ids, max_tokens, sampler, stop=stop or [],
+                                  prompt_cache=self._prompt_cache):
             if ch.stats is not None:
                 self._last_stats = ch.stats
             yield ch

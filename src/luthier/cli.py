@@ -90,7 +90,8 @@ def _sampler(a):
 
 
 def _print_stats(st, file=sys.stderr) -> None:
-    print(f"\n[prompt {st.prompt_tokens} tok, {st.prefill_tps:.1f} tok/s | "
+    cached = f" ({st.cached_tokens} cached)" if st.cached_tokens else ""
+    print(f"\n[prompt {st.prompt_tokens} tok{cached}, {st.prefill_tps:.1f} tok/s | "
           f"generated {st.completion_tokens} tok, {st.decode_tps:.1f} tok/s, "
           f"{st.decode_gbps:.2f} GB/s of weights]", file=file)
 
@@ -124,9 +125,10 @@ def cmd_run(a) -> int:
 
 
 def cmd_chat(a) -> int:
-    from .generate import generate_stream
+    from .generate import PromptCache, generate_stream
 
     lm = _load(a)
+    kept = PromptCache()  # each turn feeds only what the conversation added since the last
     tok = lm.tokenizer
     messages = []
     if a.system:
@@ -142,7 +144,8 @@ def cmd_chat(a) -> int:
         messages.append({"role": "user", "content": line})
         ids = tok.encode_chat(messages)
         parts = []
-        for ch in generate_stream(lm, ids, a.max_tokens, _sampler(a), stop=a.stop, ctx=a.ctx):
+        for ch in generate_stream(lm, ids, a.max_tokens, _sampler(a), stop=a.stop, ctx=a.ctx,
+                                  prompt_cache=kept):
             sys.stdout.write(ch.text)
             sys.stdout.flush()
             parts.append(ch.text)

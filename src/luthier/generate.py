@@ -13,13 +13,15 @@ import numpy as np
 class GenerationStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV a PromptCache already held (not fed)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     weight_bytes_per_token: int = 0
 
     @property
     def prefill_tps(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+        fed = self.prompt_tokens - self.cached_tokens
+        return fed / self.prefill_seconds if self.prefill_seconds else 0.0
 
     @property
     def decode_tps(self) -> float:
@@ -134,6 +136,45 @@ class TokenStream:
         return out
 
 
+class PromptCache:
+    """The KV cache of the last sequence one caller generated, kept for the next call:
+    a prompt that starts with the same tokens (the next turn of a chat, a fixed system
+    prompt) feeds only the tokens after the common prefix, as llama-cpp-python's `Llama`
+    and llama-server's slots do. One sequence at a time: a stream started while another
+    one of the same PromptCache is still running takes the cache over, and the older
+    stream fails at its next step instead of reading KV that is no longer its own."""
+
+    def __init__(self) -> None:
+        self.cache = None
+        self.ids: list[int] = []  # tokens whose K/V are in `cache`, positions 0..len-1
+        self.epoch = 0  # bumped by every take(): a stream holds the cache while it matches
+
+    def take(self, model, ids: Sequence[int], capacity: int) -> tuple[object, int]:
+        """(cache, n): the cache to run `ids` in, of at least `capacity` positions, and how
+        many leading tokens of ids it holds already. At least the last prompt token is
+        always fed: its logits start the generation."""
+        self.epoch += 1
+        cache, n = self.cache, 0
+        if cache is not None and cache.max_seq_len >= capacity and _still_valid(model, cache):
+            limit = min(len(self.ids), len(ids) - 1, cache.length)
+            while n < limit and self.ids[n] == ids[n]:
+                n += 1
+        else:
+            self.cache = cache = model.new_cache(capacity)
+        self.ids = list(ids[:n])
+        return cache, n
+
+    def clear(self) -> None:
+        self.cache, self.ids = None, []
+        self.epoch += 1
+
+
+def _still_valid(model, cache) -> bool:
+    """False when the model handed the cache's KV slot to another cache since (native)."""
+    owns = getattr(model, "owns", None)
+    return owns is None or owns(cache)
+
+
 def generate_stream(
     lm,
     prompt_ids: Sequence[int],
@@ -144,16 +185,38 @@ def generate_stream(
     ctx: int | None = None,
     prefill_chunk: int = 256,
     ignore_eos: bool = False,
+    prompt_cache: PromptCache | None = None,
 ) -> Iterator[GenerationChunk]:
-    """Yield GenerationChunks for a prompt; the last one carries finish_reason and stats."""
+    """Yield GenerationChunks for a prompt; the last one carries finish_reason and stats.
+    With a PromptCache, the prompt's prefix that the cache holds is not fed again, and the
+    cache keeps this sequence's KV for the next call."""
     st = TokenStream(lm, prompt_ids, max_tokens, sampler, stop, stop_ids, ctx, ignore_eos)
     model, ids = lm.model, st.ids
-    cache = model.new_cache(min(st.n_ctx, len(ids) + st.max_tokens + 1))
+    need = min(st.n_ctx, len(ids) + st.max_tokens + 1)
+    if prompt_cache is None:
+        pc = PromptCache()
+        cache, start = pc.take(model, ids, need)
+    else:
+        pc = prompt_cache
+        # room for the whole context, so that the next turn of a conversation still fits:
+        # a KV page costs memory only once written (native slots; numpy's large arrays)
+        cache, start = pc.take(model, ids, st.n_ctx)
+    epoch = pc.epoch
+    st.stats.cached_tokens = start
+
+    def feed(tokens: list[int], pos: int, last_only: bool) -> np.ndarray:
+        if pc.epoch != epoch:
+            raise RuntimeError("another generation took over this model's prompt cache; "
+                               "run one stream at a time")
+        del pc.ids[pos:]  # what stays valid if the forward fails midway
+        out = model.forward(np.asarray(tokens, np.int64), cache, pos, last_only=last_only)
+        pc.ids.extend(tokens)
+        return out
+
     t0 = time.perf_counter()
     logits = None
-    for s in range(0, len(ids), prefill_chunk):  # chunks bound the activation memory
-        chunk = np.asarray(ids[s : s + prefill_chunk], np.int64)
-        logits = model.forward(chunk, cache, s, last_only=True)
+    for s in range(start, len(ids), prefill_chunk):  # chunks bound the activation memory
+        logits = feed(ids[s : s + prefill_chunk], s, True)
     st.stats.prefill_seconds = time.perf_counter() - t0
     if st.max_tokens == 0:
         yield st.finish("length")
@@ -163,7 +226,7 @@ def generate_stream(
         yield from st.step(logits[-1])
         if st.done:
             return
-        logits = model.forward(np.asarray([st.last_token], np.int64), cache, pos)
+        logits = feed([st.last_token], pos, False)
         pos += 1
 
 

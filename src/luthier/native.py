@@ -101,6 +101,7 @@ class NativeModel:
         self.ctx = int(ctx)
         self.n_seq = int(n_seq)
         self.kv = kv
+        self._owner: dict[int, NativeCache] = {}  # slot -> the NativeCache handed out for it
 
     @property
     def n_threads(self) -> int:
@@ -117,10 +118,18 @@ class NativeModel:
             raise ValueError(f"a cache of {n} tokens exceeds the native context of {self.ctx}")
         if not 0 <= slot < self.n_seq:
             raise ValueError(f"slot {slot} out of range (the model has {self.n_seq} KV slots)")
-        return NativeCache(self._dec, n, slot)
+        cache = NativeCache(self._dec, n, slot)
+        self._owner[slot] = cache
+        return cache
+
+    def owns(self, cache: NativeCache) -> bool:
+        """Whether `cache` is still the handle of its slot (no later new_cache or release
+        of the slot emptied it): a PromptCache reuses the slot's KV only then."""
+        return self._owner.get(cache.slot) is cache
 
     def release(self, slot: int) -> None:
         """Forget slot's sequence and return its KV memory to the OS."""
+        self._owner.pop(int(slot), None)
         self._dec.release(int(slot))
 
     def forward_batch(self, tokens, slots, positions, out_rows, out: np.ndarray | None = None) -> np.ndarray:
