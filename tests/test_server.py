@@ -1,6 +1,7 @@
 """The OpenAI-compatible server, driven by the real `openai` client (and raw HTTP for
 what the client cannot send) on an ephemeral loopback port."""
 
+import concurrent.futures
 import json
 import os
 import queue
@@ -340,8 +341,11 @@ def test_batched_decoding_and_kv_memory_returns(server, client):
     solo = [client.completions.create(model="default", prompt=p, max_tokens=24, temperature=0).choices[0].text
             for p in prompts]
     wait_idle(server)
-    base = _rss_bytes()
     sched = w.sched
+    budget = sched.cache_tokens
+    sched.cache_tokens = 0  # prompt caching off: every slot's KV goes back when it finishes
+    w.call(lambda lm: sched.drop_kept())
+    base = _rss_bytes()
     sched.max_rows = sched.max_decode = 0
     out: dict[int, str] = {}
     errors: list[BaseException] = []
@@ -369,6 +373,46 @@ def test_batched_decoding_and_kv_memory_returns(server, client):
     kv = 30 * 2 * 3 * 64 * 4 * 330 * PARALLEL
     assert peak - base > kv // 2, (peak - base, kv)
     assert _rss_bytes() - base < kv // 4, (_rss_bytes() - base, kv)
+    sched.cache_tokens = budget
+
+
+def test_prompt_caching_reuses_the_conversation_within_its_budget(server, client):
+    """The next turn of a chat feeds only what it added (usage says how many prompt
+    tokens were cached), answers as without caching, and idle slots keep at most
+    cache_tokens tokens of KV."""
+    w = server.worker
+    sched = w.sched
+    wait_idle(server)
+    w.call(lambda lm: sched.drop_kept())
+    served = sched.n_cached_tokens
+    msgs = [{"role": "user", "content": "Name three colors."}]
+    first = client.chat.completions.create(model="default", messages=msgs, max_tokens=16, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    msgs += [{"role": "assistant", "content": first.choices[0].message.content},
+             {"role": "user", "content": "Now three animals."}]
+    chunks = list(client.chat.completions.create(model="default", messages=msgs, max_tokens=16, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    u = chunks[-1].usage
+    assert first.usage.prompt_tokens <= u.prompt_tokens_details.cached_tokens < u.prompt_tokens
+    assert sched.n_cached_tokens - served == u.prompt_tokens_details.cached_tokens
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    ids = server.worker.call(lambda lm: lm.tokenizer.encode_chat(msgs))
+    assert text == reference(server, ids, 16).text  # the same answer as a fresh prefill
+    # a budget smaller than the requests' KV: the least recently used slots are released
+    budget = sched.cache_tokens
+    sched.cache_tokens = 60
+    try:
+        prompts = [f"Tell me about the number {i} in a few words." for i in range(PARALLEL)]
+        with concurrent.futures.ThreadPoolExecutor(PARALLEL) as ex:
+            list(ex.map(lambda p: client.completions.create(model="default", prompt=p, max_tokens=8,
+                                                            temperature=0), prompts))
+        wait_idle(server)
+        held = w.call(lambda lm: dict(sched.kept))
+        assert 0 < sum(len(t) for t in held.values()) <= 60
+        again = client.completions.create(model="default", prompt=prompts[-1], max_tokens=8, temperature=0)
+        assert again.usage.prompt_tokens_details.cached_tokens in (0, again.usage.prompt_tokens - 1)
+    finally:
+        sched.cache_tokens = budget
 
 
 # ---------------------------------------------------------------------- command line

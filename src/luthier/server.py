@@ -164,6 +164,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                         f"(default {DEFAULT_PARALLEL})")
     s.add_argument("--batch-tokens", type=int, default=None,
                    help="rows per batched forward: decode tokens plus prompt chunks (default 256)")
+    s.add_argument("--cache-tokens", type=int, default=None,
+                   help="prompt caching: tokens of KV that finished requests leave in idle slots, "
+                        "so that a prompt starting the same way (the next turn of a chat) feeds "
+                        "only the rest (default: --ctx; 0: off)")
     s.add_argument("--model-id", default=None, help="the model's id in the API (default: the file name)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _common(s)
@@ -186,6 +190,8 @@ def cmd_serve(a) -> int:
         raise ValueError(f"--parallel must be >= 1, got {a.parallel}")
     if a.batch_tokens is not None and a.batch_tokens < 1:
         raise ValueError(f"--batch-tokens must be >= 1, got {a.batch_tokens}")
+    if a.cache_tokens is not None and a.cache_tokens < 0:
+        raise ValueError(f"--cache-tokens must be >= 0, got {a.cache_tokens}")
     if not 0 <= a.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {a.port}")
     if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
@@ -199,7 +205,8 @@ def cmd_serve(a) -> int:
 
     try:
         serve(lm, a.host, a.port, log_level=a.log_level, on_ready=ready, model_id=a.model_id,
-              api_key=a.api_key, max_queue=a.max_queue, batch_tokens=a.batch_tokens)
+              api_key=a.api_key, max_queue=a.max_queue, batch_tokens=a.batch_tokens,
+              cache_tokens=a.cache_tokens)
     except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises the signal
         pass
     print("luthier: server stopped", file=sys.stderr)

@@ -58,13 +58,13 @@ class Server:
     """State shared by the endpoints: the model's worker, its id, the limits."""
 
     def __init__(self, lm, model_id: str | None, api_key: str | None, max_queue: int,
-                 max_body_bytes: int, batch_tokens: int | None = None):
+                 max_body_bytes: int, batch_tokens: int | None = None, cache_tokens: int | None = None):
         self.lm, self.tok = lm, lm.tokenizer
         self.model_id = model_id or served_model_id(lm)
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.n_ctx = int(lm.extra.get("ctx") or lm.args.max_seq_len)
-        self.worker = Worker(lm, max_queue, batch_tokens)
+        self.worker = Worker(lm, max_queue, batch_tokens, cache_tokens)
         self.created = int(time.time())
         self.fingerprint = f"luthier-{__version__}-b{lm.quant.bits}g{lm.quant.group_size}"
 
@@ -236,7 +236,7 @@ class Server:
             return self.sse(self.completion_chunks(job, cid, p, [len(x) for x in prompts]))
         choices = [{"index": i, "text": "", "logprobs": None, "finish_reason": None}
                    for i in range(len(prompts))]
-        ptoks = ctoks = 0
+        ptoks = ctoks = cached = 0
         async for d in self.events(job, request):
             c = choices[d.index]
             if p.logprobs is not None and d.tokens:
@@ -251,18 +251,19 @@ class Server:
                 c["finish_reason"] = d.finish_reason
                 ptoks += len(prompts[d.index])
                 ctoks += d.completion_tokens
+                cached += d.cached_tokens
         for c in choices:
             if p.logprobs is not None and c["logprobs"] is None:
                 c["logprobs"] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         return json_response({"id": cid, "object": "text_completion", "created": int(time.time()),
                               "model": self.model_id, "system_fingerprint": self.fingerprint,
-                              "choices": choices, "usage": usage(ptoks, ctoks)})
+                              "choices": choices, "usage": usage(ptoks, ctoks, cached)})
 
     async def completion_chunks(self, job: GenJob, cid: str, p: GenParams,
                                 n_prompt: list[int]) -> AsyncIterator[dict]:
         created = int(time.time())
         offsets = [0] * len(n_prompt)
-        ptoks = ctoks = 0
+        ptoks = ctoks = cached = 0
         async for d in self.events(job, None):
             lp = None
             if p.logprobs is not None:
@@ -271,6 +272,7 @@ class Server:
             if d.finish_reason:
                 ptoks += n_prompt[d.index]
                 ctoks += d.completion_tokens
+                cached += d.cached_tokens
             chunk = {"id": cid, "object": "text_completion", "created": created, "model": self.model_id,
                      "system_fingerprint": self.fingerprint,
                      "choices": [{"index": d.index, "text": d.text, "logprobs": lp,
@@ -280,7 +282,7 @@ class Server:
             yield chunk
         if p.include_usage:
             yield {"id": cid, "object": "text_completion", "created": created, "model": self.model_id,
-                   "system_fingerprint": self.fingerprint, "choices": [], "usage": usage(ptoks, ctoks)}
+                   "system_fingerprint": self.fingerprint, "choices": [], "usage": usage(ptoks, ctoks, cached)}
 
     async def chat(self, request: Request) -> Response:
         req = await self.generation_request(request, parse_chat)
@@ -291,18 +293,18 @@ class Server:
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         if p.stream:
             return self.sse(self.chat_chunks(job, cid, p, len(ids)))
-        text, infos, finish, ctoks = [], [], None, 0
+        text, infos, finish, ctoks, cached = [], [], None, 0, 0
         async for d in self.events(job, request):
             text.append(d.text)
             infos += d.tokens
             if d.finish_reason:
-                finish, ctoks = d.finish_reason, d.completion_tokens
+                finish, ctoks, cached = d.finish_reason, d.completion_tokens, d.cached_tokens
         choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                   "logprobs": chat_logprobs(self.tok, infos) if p.logprobs is not None else None,
                   "finish_reason": finish}
         return json_response({"id": cid, "object": "chat.completion", "created": int(time.time()),
                               "model": self.model_id, "system_fingerprint": self.fingerprint,
-                              "choices": [choice], "usage": usage(len(ids), ctoks)})
+                              "choices": [choice], "usage": usage(len(ids), ctoks, cached)})
 
     async def chat_chunks(self, job: GenJob, cid: str, p: GenParams, n_prompt: int) -> AsyncIterator[dict]:
         created = int(time.time())
@@ -316,17 +318,17 @@ class Server:
             return c
 
         yield chunk({"role": "assistant", "content": ""})
-        ctoks = 0
+        ctoks = cached = 0
         async for d in self.events(job, None):
             lp = chat_logprobs(self.tok, d.tokens) if p.logprobs is not None else None
             if d.text or d.tokens:
                 yield chunk({"content": d.text}, None, lp)
             if d.finish_reason:
-                ctoks = d.completion_tokens
+                ctoks, cached = d.completion_tokens, d.cached_tokens
                 yield chunk({}, d.finish_reason)
         if p.include_usage:
             yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_id,
-                   "system_fingerprint": self.fingerprint, "choices": [], "usage": usage(n_prompt, ctoks)}
+                   "system_fingerprint": self.fingerprint, "choices": [], "usage": usage(n_prompt, ctoks, cached)}
 
     def sse(self, chunks: AsyncIterator[dict]) -> StreamingResponse:
         async def body() -> AsyncIterator[str]:
@@ -375,12 +377,13 @@ def chat_page_endpoint():
 
 
 def make_app(lm, model_id: str | None = None, api_key: str | None = None, max_queue: int = 64,
-             max_body_bytes: int = MAX_BODY_BYTES, batch_tokens: int | None = None) -> Starlette:
+             max_body_bytes: int = MAX_BODY_BYTES, batch_tokens: int | None = None,
+             cache_tokens: int | None = None) -> Starlette:
     """The ASGI app serving `lm`. Its model thread starts and stops with the app's
     lifespan; `app.state.server` holds the Server (and `.worker`)."""
     if max_queue < 1:
         raise ValueError(f"max_queue must be >= 1, got {max_queue}")
-    srv = Server(lm, model_id, api_key, max_queue, max_body_bytes, batch_tokens)
+    srv = Server(lm, model_id, api_key, max_queue, max_body_bytes, batch_tokens, cache_tokens)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -11,6 +11,12 @@ fed in chunks of at most `batch_tokens` rows per step, so it never stalls the ot
 long. New sequences join between steps as slots free up; finished and cancelled ones leave
 and their KV pages go back to the OS (NativeModel.release).
 
+Prompt caching (llama-server's cache_prompt, vLLM's prefix caching): a finished sequence's
+slot keeps its KV while the idle slots together hold at most `cache_tokens` tokens (least
+recently used ones are released first). A new prompt takes the free slot whose kept tokens
+share the longest prefix with it and feeds only the rest: the next turn of a chat resends
+the whole conversation, and its prefill is then only the new message.
+
 Every row's arithmetic is independent of the rest of its batch (tables, lookups, attention
 and the head are per row), so a greedy request gives the same tokens alone or under load.
 """
@@ -57,11 +63,15 @@ class BatchScheduler:
     """Runs the GenJobs handed to `add` together, one `step` at a time, on the thread that
     owns the model. `n_jobs`: jobs not finished yet (waiting or running)."""
 
-    def __init__(self, lm, batch_tokens: int = DEFAULT_BATCH_TOKENS):
+    def __init__(self, lm, batch_tokens: int = DEFAULT_BATCH_TOKENS, cache_tokens: int | None = None):
         self.lm = lm
         self.model = lm.model
         self.batch_tokens = max(1, int(batch_tokens))
-        self.free_slots = collections.deque(range(1, self.model.n_seq))
+        # KV kept in idle slots for prompt caching: one context's worth unless told
+        self.cache_tokens = int(self.model.ctx if cache_tokens is None else cache_tokens)
+        self.free_slots = collections.deque(range(1, self.model.n_seq))  # least recently used first
+        self.kept: dict[int, list[int]] = {}  # idle slot -> the tokens its KV holds
+        self.n_cached_tokens = 0  # prompt tokens served from kept KV so far
         self.waiting: collections.deque[_Seq] = collections.deque()
         self.running: list[_Seq] = []
         self._left: dict[object, int] = {}  # job -> sequences not finished
@@ -109,8 +119,7 @@ class BatchScheduler:
             job.emit(JobFailed(message))
             job.emit(None)
         for s in self.running:
-            self.model.release(s.slot)
-            self.free_slots.append(s.slot)
+            self._free(s.slot)
         self.running.clear()
         self.waiting.clear()
         self._left.clear()
@@ -188,10 +197,49 @@ class BatchScheduler:
                 self._emit(s, s.stream.finish("length"))
                 self._seq_done(s)
                 continue
-            s.slot = self.free_slots.popleft()
-            self.model.release(s.slot)
+            s.slot, s.fed = self._take_slot(ids)
+            s.stream.stats.cached_tokens = s.fed
+            self.n_cached_tokens += s.fed
             s.t_admit = time.perf_counter()
             self.running.append(s)
+
+    def _take_slot(self, ids: list[int]) -> tuple[int, int]:
+        """(slot, n): a free slot for the prompt `ids` and how many of its first tokens the
+        slot's kept KV holds already (at most all but the last: its logits are needed)."""
+        best, best_n = None, 0
+        for slot in self.free_slots:
+            kept = self.kept.get(slot)
+            if kept is None:
+                continue
+            n, limit = 0, min(len(kept), len(ids) - 1)
+            while n < limit and kept[n] == ids[n]:
+                n += 1
+            if n > best_n:
+                best, best_n = slot, n
+        if best is None:  # no prefix to reuse: an empty slot, else the least recently used
+            best = next((sl for sl in self.free_slots if sl not in self.kept), self.free_slots[0])
+            self.kept.pop(best, None)
+            self.model.release(best)
+        else:
+            del self.kept[best]  # running again; positions from best_n on are overwritten
+        self.free_slots.remove(best)
+        return best, best_n
+
+    def _free(self, slot: int, tokens: list[int] | None = None) -> None:
+        """Slot back to the free list (most recently used last); keeps `tokens`' KV when
+        prompt caching has room for them, evicting the least recently used kept slots."""
+        self.free_slots.append(slot)
+        if tokens and len(tokens) <= self.cache_tokens:
+            self.kept[slot] = tokens
+            total = sum(len(t) for t in self.kept.values())
+            for old in list(self.free_slots):
+                if total <= self.cache_tokens:
+                    break
+                if old in self.kept:
+                    total -= len(self.kept.pop(old))
+                    self.model.release(old)
+        else:
+            self.model.release(slot)
 
     def _emit(self, s: _Seq, ch: GenerationChunk) -> None:
         from .server_worker import Delta
@@ -203,7 +251,8 @@ class BatchScheduler:
                 infos = infos[:-1]
             st = ch.stats
             self._post(s.job, Delta(s.index, ch.text, infos, finish_reason=ch.finish_reason,
-                                    prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens))
+                                    prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
+                                    cached_tokens=st.cached_tokens))
         elif ch.text or infos:
             self._post(s.job, Delta(s.index, ch.text, infos))
 
@@ -228,9 +277,15 @@ class BatchScheduler:
 
     def _finish(self, s: _Seq) -> None:
         self.running.remove(s)
-        self.model.release(s.slot)
-        self.free_slots.append(s.slot)
+        # the KV holds the prompt and every generated token but the last (never fed)
+        self._free(s.slot, s.stream.history[: s.fed])
         self._seq_done(s)
+
+    def drop_kept(self) -> None:
+        """Release every idle slot's kept KV (prompt caching's memory back to the OS)."""
+        for slot in list(self.kept):
+            del self.kept[slot]
+            self.model.release(slot)
 
     def _seq_done(self, s: _Seq) -> None:
         left = self._left.get(s.job)
@@ -251,8 +306,7 @@ class BatchScheduler:
             return
         for s in [s for s in self.running if s.job.cancelled.is_set()]:
             self.running.remove(s)
-            self.model.release(s.slot)
-            self.free_slots.append(s.slot)
+            self._free(s.slot)
         self.waiting = collections.deque(s for s in self.waiting if not s.job.cancelled.is_set())
         for j in gone:
             self.n_cancelled += 1  # before the job leaves `_left` (see _seq_done)

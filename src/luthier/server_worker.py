@@ -49,6 +49,7 @@ class Delta:
     echo: bool = False
     finish_reason: str | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     completion_tokens: int = 0
 
 
@@ -225,7 +226,8 @@ class Worker:
     """The model's thread and its bounded queue. `max_queue` bounds the requests held
     at once (waiting plus running); past it `submit` raises a 503 APIError."""
 
-    def __init__(self, lm, max_queue: int = 64, batch_tokens: int | None = None):
+    def __init__(self, lm, max_queue: int = 64, batch_tokens: int | None = None,
+                 cache_tokens: int | None = None):
         from .server_batch import DEFAULT_BATCH_TOKENS, BatchScheduler
 
         self.lm, self.max_queue = lm, max_queue
@@ -239,7 +241,7 @@ class Worker:
         # batching needs a model with KV slots beyond slot 0 (NativeModel, n_seq > 1)
         self.sched = None
         if getattr(lm.model, "n_seq", 1) > 1 and hasattr(lm.model, "forward_batch"):
-            self.sched = BatchScheduler(lm, batch_tokens or DEFAULT_BATCH_TOKENS)
+            self.sched = BatchScheduler(lm, batch_tokens or DEFAULT_BATCH_TOKENS, cache_tokens)
 
     @property
     def n_done(self) -> int:
