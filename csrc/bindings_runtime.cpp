@@ -229,6 +229,9 @@ void bind_runtime(nb::module_& m) {
            nb::arg("out_rows").noconvert(), nb::arg("logits").noconvert(),
            "row i: token of sequence slots[i] at positions[i]; logits of out_rows")
       .def("release", [](PyDecoder& self, int64_t slot) { self.dec->release(slot); }, nb::arg("slot"))
+      .def("copy_prefix", [](PyDecoder& self, int64_t src, int64_t dst, int64_t n) {
+             self.dec->copy_prefix(src, dst, n);
+           }, nb::arg("src"), nb::arg("dst"), nb::arg("n"))
       .def("slot_length", [](PyDecoder& self, int64_t slot) {
              if (slot < 0 || slot >= self.dec->cfg.n_seq) throw std::invalid_argument("slot out of range");
              return self.dec->length(slot);

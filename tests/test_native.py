@@ -153,3 +153,21 @@ def test_f16_kv_cache_close_to_f32():
     m.forward_batch(ids, [1] * n, list(range(n)), [n - 1])
     solo = m.forward_batch([ids[-1]], [1], [n], [0])
     np.testing.assert_array_equal(both[0], solo[0])
+
+
+def test_copy_prefix_continues_like_the_source():
+    lm = load_model(None, QuantConfig(bits=4, group_size=64), n_threads=2, ctx=32, n_seq=3)
+    m = lm.model
+    n = len(PROMPT)
+    m.forward_batch(PROMPT, [1] * n, list(range(n)), [n - 1])
+    m.copy_prefix(1, 2, 6)  # slot 2 holds the first 6 positions of slot 1
+    rest = m.forward_batch(PROMPT[6:], [2] * (n - 6), list(range(6, n)), list(range(n - 6)))
+    whole = m.forward_batch(PROMPT, [0] * n, list(range(n)), list(range(6, n)))
+    assert np.array_equal(rest, whole)
+    assert m._dec.slot_length(2) == n
+    with pytest.raises(ValueError, match="fewer tokens"):
+        m.copy_prefix(1, 2, n + 1)
+    with pytest.raises(ValueError, match="different slots"):
+        m.copy_prefix(1, 1, 2)
+    with pytest.raises(ValueError, match="out of range"):
+        m.copy_prefix(1, 3, 2)

@@ -415,6 +415,29 @@ def test_prompt_caching_reuses_the_conversation_within_its_budget(server, client
         sched.cache_tokens = budget
 
 
+def test_a_running_requests_prompt_prefix_is_shared(server, client):
+    """A request that shares a long system prompt with one still decoding copies that
+    prefix's KV instead of computing it again; both answers are as without sharing."""
+    w = server.worker
+    sched = w.sched
+    wait_idle(server)
+    w.call(lambda lm: sched.drop_kept())
+    system = "You are a careful assistant who checks every answer twice. " * 6
+    a_msgs = [{"role": "system", "content": system}, {"role": "user", "content": "Count from one to fifty."}]
+    b_msgs = [{"role": "system", "content": system}, {"role": "user", "content": "Name a fruit."}]
+    a_ids, b_ids = (w.call(lambda lm, m=m: lm.tokenizer.encode_chat(m)) for m in (a_msgs, b_msgs))
+    shared = next(i for i, (x, y) in enumerate(zip(a_ids, b_ids)) if x != y)
+    assert shared > 60
+    stream = iter(client.chat.completions.create(model="default", messages=a_msgs, max_tokens=120, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True}))
+    a_text = [c.choices[0].delta.content or "" for c in (next(stream), next(stream))]  # A is decoding
+    b = client.chat.completions.create(model="default", messages=b_msgs, max_tokens=8, temperature=0)
+    a_text += [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert b.usage.prompt_tokens_details.cached_tokens == shared
+    assert b.choices[0].message.content == reference(server, b_ids, 8).text
+    assert "".join(a_text) == reference(server, a_ids, 120, ignore_eos=True).text
+
+
 # ---------------------------------------------------------------------- command line
 
 SERVE = ("import argparse, sys; from luthier.server import add_serve_parser; "

@@ -117,6 +117,20 @@ void Decoder::release(int64_t slot) {
 #endif
 }
 
+void Decoder::copy_prefix(int64_t src, int64_t dst, int64_t n) {
+  if (src < 0 || src >= cfg.n_seq || dst < 0 || dst >= cfg.n_seq) throw std::invalid_argument("slot out of range");
+  if (src == dst) throw std::invalid_argument("copy_prefix needs two different slots");
+  if (n < 0 || n > lengths_[size_t(src)])
+    throw std::invalid_argument("copy_prefix: the source slot holds fewer tokens");
+  // per layer, positions [0, n) of [ctx, kv_heads, head_dim] are one contiguous run
+  const size_t bytes = size_t(n) * size_t(cfg.n_kv_heads * cfg.head_dim) * kv_es_;
+  for (int64_t l = 0; l < cfg.n_layers; ++l) {
+    std::memcpy(k_cache(dst, l), k_cache(src, l), bytes);
+    std::memcpy(v_cache(dst, l), v_cache(src, l), bytes);
+  }
+  lengths_[size_t(dst)] = n;
+}
+
 void Decoder::linear(const Linear& w, const float* x, int64_t m, float* y, const float* norm_w) {
   const auto t0 = Clock::now();
   linear_impl(w, x, m, y, norm_w);

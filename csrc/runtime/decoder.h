@@ -83,6 +83,8 @@ class Decoder {
                      int64_t m, const int32_t* out_rows, int64_t n_out, float* logits);
   void reset_cache();
   void release(int64_t slot);  // forget a sequence and return its KV pages to the OS
+  // dst's cache becomes the first n positions of src's (a shared prompt prefix fed once)
+  void copy_prefix(int64_t src, int64_t dst, int64_t n);
   // nanoseconds spent, summed over calls: [0] whole forward, [1] linear layers (tables +
   // LUT matmul), [2] attention, [3] the rest (norms, RoPE, activations, residuals)
   double prof_ns[4] = {0, 0, 0, 0};

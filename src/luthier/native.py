@@ -127,6 +127,12 @@ class NativeModel:
         of the slot emptied it): a PromptCache reuses the slot's KV only then."""
         return self._owner.get(cache.slot) is cache
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Slot dst's cache becomes the first n cached positions of slot src's (a prompt
+        prefix the two sequences share is computed once). dst's handle, if any, is void."""
+        self._owner.pop(int(dst), None)
+        self._dec.copy_prefix(int(src), int(dst), int(n))
+
     def release(self, slot: int) -> None:
         """Forget slot's sequence and return its KV memory to the OS."""
         self._owner.pop(int(slot), None)

@@ -13,9 +13,11 @@ and their KV pages go back to the OS (NativeModel.release).
 
 Prompt caching (llama-server's cache_prompt, vLLM's prefix caching): a finished sequence's
 slot keeps its KV while the idle slots together hold at most `cache_tokens` tokens (least
-recently used ones are released first). A new prompt takes the free slot whose kept tokens
-share the longest prefix with it and feeds only the rest: the next turn of a chat resends
-the whole conversation, and its prefill is then only the new message.
+recently used ones are released first). A new prompt starts from the longest prefix it
+shares with an idle slot's kept tokens or a running sequence's (taking the idle slot over,
+or copying the prefix's KV into its own slot) and feeds only the rest: the next turn of a
+chat resends the whole conversation, and requests that share a long system prompt compute
+it once.
 
 Every row's arithmetic is independent of the rest of its batch (tables, lookups, attention
 and the head are per row), so a greedy request gives the same tokens alone or under load.
@@ -205,25 +207,41 @@ class BatchScheduler:
 
     def _take_slot(self, ids: list[int]) -> tuple[int, int]:
         """(slot, n): a free slot for the prompt `ids` and how many of its first tokens the
-        slot's kept KV holds already (at most all but the last: its logits are needed)."""
-        best, best_n = None, 0
-        for slot in self.free_slots:
-            kept = self.kept.get(slot)
-            if kept is None:
-                continue
-            n, limit = 0, min(len(kept), len(ids) - 1)
-            while n < limit and kept[n] == ids[n]:
-                n += 1
-            if n > best_n:
-                best, best_n = slot, n
-        if best is None:  # no prefix to reuse: an empty slot, else the least recently used
-            best = next((sl for sl in self.free_slots if sl not in self.kept), self.free_slots[0])
-            self.kept.pop(best, None)
-            self.model.release(best)
+        slot's KV holds already (at most all but the last: its logits are needed). The
+        prefix comes from the idle slot or running sequence that shares the most of it:
+        an idle slot is taken over when the prompt reuses most of what it keeps (or no
+        empty slot is left); otherwise the prefix's KV is copied into an empty (or the
+        least recently used) slot, which leaves the source's cache as it is."""
+        src, n = None, 0
+        for slot, toks in self._prefix_sources():
+            k, limit = 0, min(len(toks), len(ids) - 1)
+            while k < limit and toks[k] == ids[k]:
+                k += 1
+            if k > n:
+                src, n = slot, k
+        empty = next((sl for sl in self.free_slots if sl not in self.kept), None)
+        if src in self.kept and (2 * n >= len(self.kept[src]) or empty is None):
+            slot = src  # positions from n on are overwritten as the prompt is fed
         else:
-            del self.kept[best]  # running again; positions from best_n on are overwritten
-        self.free_slots.remove(best)
-        return best, best_n
+            slot = empty if empty is not None else next(
+                (sl for sl in self.free_slots if sl != src), self.free_slots[0])
+            if slot != src:
+                self.model.release(slot)
+                if n:
+                    self.model.copy_prefix(src, slot, n)
+        self.kept.pop(slot, None)
+        self.free_slots.remove(slot)
+        return slot, n
+
+    def _prefix_sources(self):
+        """(slot, tokens whose KV it holds) of every idle slot with kept KV and every
+        running sequence (its prompt so far, then what it generated); none with prompt
+        caching off (cache_tokens 0)."""
+        if self.cache_tokens <= 0:
+            return
+        yield from self.kept.items()
+        for s in self.running:
+            yield s.slot, s.stream.history[: s.fed]
 
     def _free(self, slot: int, tokens: list[int] | None = None) -> None:
         """Slot back to the free list (most recently used last); keeps `tokens`' KV when
