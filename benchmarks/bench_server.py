@@ -151,7 +151,17 @@ def _summary(clients: int, results: list[dict], wall: float) -> dict:
             "per_stream_tps": float(np.mean([r["tokens"] / r["seconds"] for r in results]))}
 
 
-def load_async(url: str, clients: int, per_client: int, max_tokens: int) -> dict:
+PREAMBLE = ("You are a storyteller for a children's magazine. Your stories are short, warm and concrete, "
+            "with one named character, one place and one small surprise. ")
+
+
+def preamble(words: int) -> str:
+    """A fixed instruction text of about `words` words that every prompt starts with."""
+    base = PREAMBLE.split()
+    return " ".join(base[i % len(base)] for i in range(words)) + "\n\n" if words else ""
+
+
+def load_async(url: str, clients: int, per_client: int, max_tokens: int, pre: str = "") -> dict:
     """load() with every client a coroutine of one event loop (one thread)."""
     import asyncio
     from urllib.parse import urlsplit
@@ -161,7 +171,7 @@ def load_async(url: str, clients: int, per_client: int, max_tokens: int) -> dict
     async def client(c: int, results: list[dict]) -> None:
         for j in range(per_client):
             topic = TOPICS[(c * per_client + j) % len(TOPICS)]
-            results.append(await one_request_async(u.hostname, u.port, f"Write a short story about {topic}, "
+            results.append(await one_request_async(u.hostname, u.port, f"{pre}Write a short story about {topic}, "
                                                    f"number {c}-{j}.", max_tokens))
 
     async def main() -> tuple[list[dict], float]:
@@ -174,7 +184,7 @@ def load_async(url: str, clients: int, per_client: int, max_tokens: int) -> dict
     return _summary(clients, results, wall)
 
 
-def load(url: str, clients: int, per_client: int, max_tokens: int) -> dict:
+def load(url: str, clients: int, per_client: int, max_tokens: int, pre: str = "") -> dict:
     results: list[dict] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
@@ -183,7 +193,7 @@ def load(url: str, clients: int, per_client: int, max_tokens: int) -> dict:
         try:
             for j in range(per_client):
                 topic = TOPICS[(c * per_client + j) % len(TOPICS)]
-                r = one_request(url, f"Write a short story about {topic}, number {c}-{j}.", max_tokens)
+                r = one_request(url, f"{pre}Write a short story about {topic}, number {c}-{j}.", max_tokens)
                 with lock:
                     results.append(r)
         except BaseException as e:  # noqa: BLE001 - reported
@@ -210,7 +220,8 @@ def run_engine(name: str, cmd: list[str], url: str, args) -> list[dict]:
         wait_ready(url, proc)
         one_request(url, "Warm up.", 8)
         for n in args.clients:
-            r = (load_async if args.client == "asyncio" else load)(url, n, args.requests, args.max_tokens)
+            r = (load_async if args.client == "asyncio" else load)(url, n, args.requests, args.max_tokens,
+                                                                   preamble(args.preamble))
             r["engine"] = name
             rows.append(r)
             print(f"{name:>14} N={n:>2}: {r['agg_tps']:7.1f} tok/s, TTFT p50 {r['ttft_p50_ms']:7.0f} ms "
@@ -250,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="asyncio: every client a coroutine of one thread on a bare HTTP/1.1 connection "
                          "(default); threads: one httpx thread per client (more client CPU, which the two "
                          "servers then share their cores with)")
+    ap.add_argument("--preamble", type=int, default=0, metavar="WORDS",
+                    help="start every prompt with the same instructions of about WORDS words (a shared "
+                         "system prompt: what prompt caching saves)")
+    ap.add_argument("--luthier-flag", action="append", default=[], metavar="FLAG",
+                    help="extra argument for luthier serve (repeat), e.g. --luthier-flag=--cache-tokens=0")
     ap.add_argument("--skip-luthier", action="store_true")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -262,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         cmd = [sys.executable, "-m", "luthier.cli", "serve", str(model), "--port", str(port), "--bits", a.bits,
                "--group-size", str(a.group_size), "-t", str(a.threads), "--parallel", str(par), "--ctx",
-               str(a.ctx), "--log-level", "warning", "--max-queue", str(4 * par)]
+               str(a.ctx), "--log-level", "warning", "--max-queue", str(4 * par), *a.luthier_flag]
         where = subprocess.run([sys.executable, "-c", "import luthier; print(luthier.__file__)"],
                                capture_output=True, text=True).stdout.strip()
         print(f"# luthier package served: {where}", file=sys.stderr, flush=True)
@@ -303,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": str(model), "bits": a.bits, "group_size": a.group_size, "threads": a.threads,
-                       "max_tokens": a.max_tokens, "requests_per_client": a.requests, "rows": rows}, f, indent=1)
+                       "max_tokens": a.max_tokens, "requests_per_client": a.requests, "preamble_words": a.preamble,
+                       "luthier_flags": a.luthier_flag, "rows": rows}, f, indent=1)
     return 0
 
 
