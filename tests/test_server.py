@@ -5,6 +5,7 @@ import concurrent.futures
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -436,6 +437,34 @@ def test_a_running_requests_prompt_prefix_is_shared(server, client):
     assert b.usage.prompt_tokens_details.cached_tokens == shared
     assert b.choices[0].message.content == reference(server, b_ids, 8).text
     assert "".join(a_text) == reference(server, a_ids, 120, ignore_eos=True).text
+
+
+def test_structured_output(server, client):
+    """response_format (OpenAI), grammar (llama.cpp) and guided_* (vLLM): the output parses,
+    streamed or not; a constraint that cannot compile is a 400 naming its field."""
+    schema = {"type": "object", "required": ["color", "count"], "additionalProperties": False,
+              "properties": {"color": {"enum": ["red", "green", "blue"]}, "count": {"type": "integer"}}}
+    rf = {"type": "json_schema", "json_schema": {"name": "pick", "schema": schema}}
+    msgs = [{"role": "user", "content": "Pick a color and a count."}]
+    r = client.chat.completions.create(model="default", messages=msgs, max_tokens=40, temperature=0, response_format=rf)
+    obj = json.loads(r.choices[0].message.content)
+    assert r.choices[0].finish_reason == "stop" and obj["color"] in ("red", "green", "blue")
+    assert isinstance(obj["count"], int)
+    chunks = list(client.chat.completions.create(model="default", messages=msgs, max_tokens=40, temperature=0,
+                                                 response_format=rf, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    r = client.chat.completions.create(model="default", messages=msgs, max_tokens=100, temperature=0,
+                                       response_format={"type": "json_object"})
+    assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    r = client.completions.create(model="default", prompt="The year was", max_tokens=8, temperature=0,
+                                  extra_body={"grammar": 'root ::= " " [12] [0-9] [0-9] [0-9]'})
+    assert re.fullmatch(r" [12]\d{3}", r.choices[0].text) and r.choices[0].finish_reason == "stop"
+    for body, param in (({"response_format": {"type": "xml"}}, "response_format"),
+                        ({"grammar": "root ::= ("}, "grammar"),
+                        ({"guided_choice": "red"}, "guided_choice"),
+                        ({"json_schema": {"type": "object"}, "guided_regex": "a"}, "guided_regex")):
+        assert_error(post(server, "/v1/chat/completions", {"messages": msgs, **body}), 400, param=param)
 
 
 # ---------------------------------------------------------------------- command line

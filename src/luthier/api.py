@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 
 from .engine import QuantConfig, load_model, parse_bits
 from .generate import GenerationChunk, PromptCache, generate_stream
+from .grammar import GrammarSampler, from_request
 from .sample import Sampler
 
 
@@ -72,9 +73,13 @@ class Llama:
         return getattr(self, "_last_stats", None)
 
     # -- generation ---------------------------------------------------------------------
-    def _sampler(self, temperature, top_p, top_k, min_p, repeat_penalty, seed) -> Sampler:
-        return Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                       repetition_penalty=repeat_penalty, seed=self.seed if seed is None else seed)
+    def _sampler(self, temperature, top_p, top_k, min_p, repeat_penalty, seed,
+                 response_format: dict | None = None, grammar: str | None = None):
+        s = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                    repetition_penalty=repeat_penalty, seed=self.seed if seed is None else seed)
+        # structured output (grammar.py): raises ValueError on a constraint it cannot compile
+        spec = from_request({"response_format": response_format, "grammar": grammar})
+        return s if spec is None else GrammarSampler(s, self._lm, spec)
 
     def _stream(self, ids, max_tokens, stop, sampler) -> Iterator[GenerationChunk]:
         if isinstance(stop, str):
@@ -90,11 +95,12 @@ class Llama:
                           temperature: float = 0.8, top_p: float = 0.95, min_p: float = 0.05,
                           echo: bool = False, stop: str | list[str] | None = None,
                           repeat_penalty: float = 1.0, top_k: int = 40, seed: int | None = None,
-                          stream: bool = False) -> dict | Iterator[dict]:
+                          stream: bool = False, grammar: str | None = None) -> dict | Iterator[dict]:
+        """llama-cpp-python's create_completion; grammar: a GBNF grammar the text must match."""
         if suffix is not None:
             raise ValueError("suffix is not supported")
         ids = self.tokenize(prompt, add_bos=True, special=True)
-        sampler = self._sampler(temperature, top_p, top_k, min_p, repeat_penalty, seed)
+        sampler = self._sampler(temperature, top_p, top_k, min_p, repeat_penalty, seed, grammar=grammar)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         model = self.model_path
 
@@ -124,9 +130,13 @@ class Llama:
                                top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
                                stop: str | list[str] | None = None, seed: int | None = None,
                                max_tokens: int | None = None, repeat_penalty: float = 1.0,
-                               stream: bool = False) -> dict | Iterator[dict]:
+                               stream: bool = False, response_format: dict | None = None,
+                               grammar: str | None = None) -> dict | Iterator[dict]:
+        """llama-cpp-python's create_chat_completion. response_format: OpenAI's
+        {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}
+        (or llama-cpp-python's {"type": "json_object", "schema": ...}); grammar: GBNF."""
         ids = self._lm.tokenizer.encode_chat(messages)
-        sampler = self._sampler(temperature, top_p, top_k, min_p, repeat_penalty, seed)
+        sampler = self._sampler(temperature, top_p, top_k, min_p, repeat_penalty, seed, response_format, grammar)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         model = self.model_path
 

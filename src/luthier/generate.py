@@ -131,6 +131,8 @@ class TokenStream:
             out = [GenerationChunk(tok, text)] if text else []
             return out + [self.finish("stop")]
         out = [GenerationChunk(tok, text)]
+        if getattr(self.sampler, "done", False):  # a grammar's output is complete
+            return out + [self.finish("stop")]
         if self.stats.completion_tokens >= self.max_tokens:
             out.append(self.finish("length"))
         return out

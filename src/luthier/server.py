@@ -27,8 +27,15 @@ Decisions where the OpenAI API leaves room:
   logits (what lm-eval's local-completions needs, with max_tokens 0 or 1); the first
   prompt token has logprob null.
 - ignore_eos (as vLLM and llama-server): the end-of-sequence token does not stop it.
-- n and best_of must be 1; suffix, tools/functions and response_format other than text
-  are 400; unknown fields are ignored.
+- Structured output (grammar.py, through llguidance): response_format {"type":
+  "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}} (OpenAI),
+  "json_schema" and "grammar" (GBNF; llama-server), "guided_json", "guided_regex",
+  "guided_choice", "guided_grammar" (Lark; vLLM): one per request; the output then matches
+  it (JSON written as json.dumps does) and ends ("stop") when complete. A constraint that
+  cannot compile is a 400 naming its field.
+- usage.prompt_tokens_details.cached_tokens: prompt tokens served from prompt caching
+  (--cache-tokens; see server_batch.py).
+- n and best_of must be 1; suffix and tools/functions are 400; unknown fields are ignored.
 - Security: loopback by default; --api-key checks `Authorization: Bearer KEY` (constant
   time) on everything but /health; bodies over 1 MiB get 413; NaN/Infinity and lone
   surrogates are invalid JSON; every error is {"error": {"message", "type", "param",
@@ -38,8 +45,9 @@ One thread owns the model and takes requests from a bounded queue (full: 503 wit
 Retry-After); the HTTP loop never waits on it. Up to --parallel requests decode together
 (continuous batching, server_batch.py: one batched forward per step, new requests join
 between steps, prompts are fed in chunks of --batch-tokens); the others wait in the
-queue. KV memory is bounded by --parallel x --ctx tokens and a finished or disconnected
-request's KV pages go back to the OS.
+queue. KV memory is bounded by --parallel x --ctx tokens; a finished request's KV stays in
+its idle slot for prompt caching while idle slots hold at most --cache-tokens tokens, the
+rest (and a disconnected request's) goes back to the OS.
 """
 
 from __future__ import annotations

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .generate import GenerationChunk, TokenStream
-from .sample import Sampler
 
 DEFAULT_BATCH_TOKENS = 256  # rows per forward: decode tokens first, prompt chunks after
 
@@ -95,15 +94,13 @@ class BatchScheduler:
 
     def add(self, job) -> None:
         """Queue every prompt of a GenJob; a prompt that cannot run fails the whole job."""
-        from .server_worker import JobFailed, _SamplingHook
+        from .server_worker import JobFailed, make_hook
 
         p = job.params
         seqs = []
         try:
             for i, ids in enumerate(job.prompts):
-                sampler = Sampler(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                                  min_p=p.min_p, repetition_penalty=p.repetition_penalty, seed=p.seed)
-                hook = _SamplingHook(sampler, p, self.lm.tokenizer.vocab_size)
+                hook = make_hook(self.lm, p)
                 st = TokenStream(self.lm, ids, job.max_tokens[i], hook, stop=p.stop, ignore_eos=p.ignore_eos)
                 seqs.append(_Seq(job, i, st, hook, set(self.lm.tokenizer.eos_ids)))
         except Exception as e:  # noqa: BLE001 - requests were checked; report, do not crash

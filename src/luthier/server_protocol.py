@@ -156,6 +156,7 @@ class GenParams:
     stream: bool = False
     include_usage: bool = False
     ignore_eos: bool = False  # vLLM's and llama-server's extension: only max_tokens and stop end it
+    grammar: str | None = None  # llguidance grammar of response_format & co. (grammar.py)
 
 
 def _common_params(body: dict, vocab_size: int, n_ctx: int, default_max: int | None) -> GenParams:
@@ -190,9 +191,12 @@ def _common_params(body: dict, vocab_size: int, n_ctx: int, default_max: int | N
     for name in ("suffix",):
         if body.get(name):
             raise _bad(name, f"'{name}' is not supported")
-    rf = body.get("response_format")
-    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise _bad("response_format", "only response_format {\"type\": \"text\"} is supported")
+    from .grammar import GrammarError, from_request
+
+    try:
+        p.grammar = from_request(body)
+    except GrammarError as e:
+        raise _bad(e.param, str(e)) from None
     if body.get("tools") or body.get("functions"):
         raise _bad("tools", "tools and function calling are not supported")
     return p

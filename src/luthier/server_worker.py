@@ -86,6 +86,11 @@ class _SamplingHook:
         self.bias_vals = np.fromiter(p.logit_bias.values(), np.float64, len(p.logit_bias))
         self.infos: list[TokenInfo] = []
 
+    @property
+    def done(self) -> bool:
+        """The request's grammar, if any, is complete (see grammar.GrammarSampler)."""
+        return getattr(self.sampler, "done", False)
+
     def sample(self, logits: np.ndarray, previous) -> int:
         z = np.asarray(logits).reshape(-1)  # [vocab]
         lp = _log_softmax(z) if self.p.logprobs is not None else None
@@ -102,6 +107,19 @@ class _SamplingHook:
     def take(self) -> list[TokenInfo]:
         out, self.infos = self.infos, []
         return out
+
+
+def make_hook(lm, p: GenParams) -> _SamplingHook:
+    """The sampler of one prompt of a request: its sampling parameters, then penalties,
+    logit bias and logprobs (the hook), then its grammar (response_format & co.), which
+    masks what the penalties left before the draw."""
+    sampler = Sampler(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
+                      repetition_penalty=p.repetition_penalty, seed=p.seed)
+    if p.grammar is not None:
+        from .grammar import GrammarSampler
+
+        sampler = GrammarSampler(sampler, lm, p.grammar)
+    return _SamplingHook(sampler, p, lm.tokenizer.vocab_size)
 
 
 class Job:
@@ -179,9 +197,7 @@ class GenJob(Job):
         if max_tokens == 0:
             self.emit(Delta(index, "", finish_reason="length", prompt_tokens=len(ids)))
             return
-        sampler = Sampler(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
-                          repetition_penalty=p.repetition_penalty, seed=p.seed)
-        hook = _SamplingHook(sampler, p, lm.tokenizer.vocab_size)
+        hook = make_hook(lm, p)
         eos = set(lm.tokenizer.eos_ids)
         gen = generate_stream(lm, ids, max_tokens, hook, stop=p.stop, ignore_eos=p.ignore_eos)
         try:
