@@ -1,5 +1,6 @@
 """Generation and the command line on the default model."""
 
+import json
 import subprocess
 import sys
 
@@ -140,6 +141,23 @@ def test_cli_chat_reuses_the_conversation():
     assert len(stats) == 2 and "cached" not in stats[0]
     # the second turn's prompt starts with the first turn's prompt and answer
     assert int(stats[1].split("(")[1].split()[0]) > int(stats[0].split()[1])
+
+
+@needs_model
+def test_cli_run_with_a_grammar_or_a_json_schema(tmp_path):
+    base = [sys.executable, "-m", "luthier.cli", "run", "--bits", "4", "-q", "--max-tokens", "40"]
+    g = tmp_path / "yn.gbnf"
+    g.write_text('root ::= " yes" | " no"\n')
+    r = subprocess.run(base + ["Is fire hot? Answer:", "--grammar-file", str(g)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout in ("Is fire hot? Answer: yes\n", "Is fire hot? Answer: no\n")
+    schema = '{"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 100}}, "required": ["n"], "additionalProperties": false}'
+    r = subprocess.run(base + ["--chat", "Give me a number.", "-j", schema], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert 0 <= json.loads(r.stdout)["n"] <= 100
+    r = subprocess.run(base + ["x", "--grammar", "root ::= ("], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stdout == "" and "GBNF" in r.stderr
 
 
 @needs_model

@@ -62,6 +62,11 @@ def _sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--grammar", default=None, help="the output must match this GBNF grammar (as llama.cpp's)")
+    g.add_argument("--grammar-file", default=None, help="--grammar read from a file")
+    g.add_argument("--json-schema", "-j", default=None,
+                   help="the output must be JSON matching this schema (a JSON string; {} for any JSON object)")
 
 
 def _load(a, n_seq: int = 1):
@@ -82,11 +87,21 @@ def _load(a, n_seq: int = 1):
     return lm
 
 
-def _sampler(a):
+def _sampler(a, lm):
+    from .grammar import GrammarSampler, from_request
     from .sample import Sampler
 
-    return Sampler(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
-                   repetition_penalty=a.repeat_penalty, seed=a.seed)
+    s = Sampler(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+                repetition_penalty=a.repeat_penalty, seed=a.seed)
+    grammar = a.grammar
+    if a.grammar_file is not None:
+        with open(a.grammar_file, encoding="utf-8") as f:
+            grammar = f.read()
+    schema = a.json_schema
+    if schema is not None and schema.strip() in ("", "{}"):
+        schema = '{"type": "object"}'
+    spec = from_request({"grammar": grammar, "json_schema": schema})
+    return s if spec is None else GrammarSampler(s, lm, spec)
 
 
 def _print_stats(st, file=sys.stderr) -> None:
@@ -113,8 +128,9 @@ def cmd_run(a) -> int:
         ids = tok.encode_chat([{"role": "user", "content": prompt}])
     else:
         ids = tok.encode(prompt)
+    sampler = _sampler(a, lm)  # a bad --grammar fails before anything is printed
     sys.stdout.write("" if a.chat else prompt)
-    for ch in generate_stream(lm, ids, a.max_tokens, _sampler(a), stop=a.stop, ctx=a.ctx):
+    for ch in generate_stream(lm, ids, a.max_tokens, sampler, stop=a.stop, ctx=a.ctx):
         sys.stdout.write(ch.text)
         sys.stdout.flush()
         if ch.finish_reason:
@@ -144,7 +160,7 @@ def cmd_chat(a) -> int:
         messages.append({"role": "user", "content": line})
         ids = tok.encode_chat(messages)
         parts = []
-        for ch in generate_stream(lm, ids, a.max_tokens, _sampler(a), stop=a.stop, ctx=a.ctx,
+        for ch in generate_stream(lm, ids, a.max_tokens, _sampler(a, lm), stop=a.stop, ctx=a.ctx,
                                   prompt_cache=kept):
             sys.stdout.write(ch.text)
             sys.stdout.flush()

@@ -102,7 +102,7 @@ def from_request(body: dict) -> str | None:
         try:
             g = llg.LLMatcher.grammar_from_lark(gbnf_to_lark(v))
         except Exception as e:  # noqa: BLE001 - the converter's own parse errors
-            raise GrammarError(name, f"'grammar' is not a GBNF grammar this server reads: {e}") from None
+            raise GrammarError(name, f"'grammar' is not a GBNF grammar luthier reads: {e}") from None
     elif name == "guided_grammar":
         if not isinstance(v, str):
             raise GrammarError(name, "'guided_grammar' must be a Lark grammar string")
