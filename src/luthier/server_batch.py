@@ -17,7 +17,8 @@ recently used ones are released first). A new prompt starts from the longest pre
 shares with an idle slot's kept tokens or a running sequence's (taking the idle slot over,
 or copying the prefix's KV into its own slot) and feeds only the rest: the next turn of a
 chat resends the whole conversation, and requests that share a long system prompt compute
-it once.
+it once (a prompt stays queued while a running sequence still prefills a prefix that would
+give it WAIT_FOR_PREFIX more tokens, then copies it).
 
 Every row's arithmetic is independent of the rest of its batch (tables, lookups, attention
 and the head are per row), so a greedy request gives the same tokens alone or under load.
@@ -34,6 +35,22 @@ import numpy as np
 from .generate import GenerationChunk, TokenStream
 
 DEFAULT_BATCH_TOKENS = 256  # rows per forward: decode tokens first, prompt chunks after
+WAIT_FOR_PREFIX = 16  # a prompt waits for a prefilling one that will give it this many more tokens
+
+
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """Length of the longest common prefix of a and b, at most `limit` (binary search on
+    slice equality: C-speed compares instead of a Python loop per token)."""
+    lo, hi = 0, min(len(a), len(b), limit)
+    if a[:hi] == b[:hi]:
+        return hi
+    while lo < hi:  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _put_all(items) -> None:
@@ -183,10 +200,14 @@ class BatchScheduler:
     def _admit(self) -> None:
         from .server_worker import Delta, score_prompt
 
+        held = []  # prompts that wait for a prefix being computed (see _should_wait)
         while self.waiting and self.free_slots:
             s = self.waiting.popleft()
             p, job = s.job.params, s.job
             ids = s.stream.ids
+            if self._should_wait(ids):
+                held.append(s)
+                continue
             if p.echo:  # prompt logprobs: one full forward in the scoring slot (0)
                 infos = score_prompt(self.lm, ids, p.logprobs, job.cancelled) if p.logprobs is not None else []
                 if infos is None:
@@ -201,6 +222,18 @@ class BatchScheduler:
             self.n_cached_tokens += s.fed
             s.t_admit = time.perf_counter()
             self.running.append(s)
+        self.waiting.extendleft(reversed(held))
+
+    def _should_wait(self, ids: list[int]) -> bool:
+        """Whether a prompt should stay queued for now because a running sequence is still
+        prefilling a prefix they share (requests that arrive together with one system
+        prompt): once it is computed, this prompt copies it instead of computing it again."""
+        if self.cache_tokens <= 0:
+            return False
+        limit = len(ids) - 1
+        have = max((common_prefix(t, ids, limit) for _, t in self._prefix_sources()), default=0)
+        return any(s.prefilling and common_prefix(s.stream.ids, ids, limit) >= have + WAIT_FOR_PREFIX
+                   for s in self.running)
 
     def _take_slot(self, ids: list[int]) -> tuple[int, int]:
         """(slot, n): a free slot for the prompt `ids` and how many of its first tokens the
@@ -211,9 +244,7 @@ class BatchScheduler:
         least recently used) slot, which leaves the source's cache as it is."""
         src, n = None, 0
         for slot, toks in self._prefix_sources():
-            k, limit = 0, min(len(toks), len(ids) - 1)
-            while k < limit and toks[k] == ids[k]:
-                k += 1
+            k = common_prefix(toks, ids, len(ids) - 1)
             if k > n:
                 src, n = slot, k
         empty = next((sl for sl in self.free_slots if sl not in self.kept), None)
