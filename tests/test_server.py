@@ -210,7 +210,7 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "invalid_type", "temperature"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, None, "top_p"),
     ("/v1/completions", {"prompt": "x", "stop": 5}, 400, "invalid_type", "stop"),
-    ("/v1/completions", {"prompt": "x", "n": 2}, 400, None, "n"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, None, "n"),
     ("/v1/completions", {"prompt": "x", "logprobs": 50}, 400, None, "logprobs"),
     ("/v1/completions", {"prompt": "x", "seed": "s"}, 400, "invalid_type", "seed"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model_not_found", "model"),
@@ -468,6 +468,33 @@ def test_a_burst_sharing_a_system_prompt_computes_it_once(server, client):
     assert cached[0] < shared <= cached[1]  # the first computed the prefix; every other one copied it
 
 
+def test_n_choices_per_prompt(server, client):
+    """n samples per prompt: choice i * n + j is sample j of prompt i; with a seed, sample 0
+    is the n = 1 answer; the prompt counts once in usage; streamed choices carry their index."""
+    msgs = [{"role": "user", "content": "Write a word."}]
+    kw = dict(model="default", messages=msgs, max_tokens=8, temperature=1.0, seed=5)
+    three = client.chat.completions.create(n=3, **kw)
+    one = client.chat.completions.create(**kw)
+    texts = [c.message.content for c in three.choices]
+    assert [c.index for c in three.choices] == [0, 1, 2] and texts[0] == one.choices[0].message.content
+    assert len(set(texts)) > 1  # different seeds per sample
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens
+    assert 3 <= three.usage.completion_tokens <= 3 * 8 and three.usage.completion_tokens > one.usage.completion_tokens
+    streamed = ["", "", ""]
+    for c in client.chat.completions.create(n=3, stream=True, **kw):
+        for ch in c.choices:
+            streamed[ch.index] += ch.delta.content or ""
+    assert streamed == texts
+    r = client.completions.create(model="default", prompt=["One,", "Red,"], n=2, max_tokens=4, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == r.choices[1].text != r.choices[2].text == r.choices[3].text  # greedy
+    assert r.usage.prompt_tokens == sum(len(server.worker.call(lambda lm, x=x: lm.tokenizer.encode(x)))
+                                        for x in ("One,", "Red,"))
+    assert r.usage.completion_tokens == 4 * 4
+    assert_error(post(server, "/v1/completions", {"prompt": "x", "n": 17}), 400, param="n")
+    assert_error(post(server, "/v1/completions", {"prompt": "x", "n": 2, "best_of": 3}), 400, param="best_of")
+
+
 def test_structured_output(server, client):
     """response_format (OpenAI), grammar (llama.cpp) and guided_* (vLLM): the output parses,
     streamed or not; a constraint that cannot compile is a 400 naming its field."""
@@ -570,7 +597,10 @@ _valid = {
     "stop": st.one_of(st.text(max_size=4), st.lists(st.text(max_size=4), max_size=3)),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
     "logit_bias": st.dictionaries(st.sampled_from(["0", "13", "2"]), st.floats(-100, 100), max_size=2),
-    "n": st.just(1),
+    "n": st.integers(1, 3),
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"},
+                                        {"type": "json_schema", "json_schema": {"schema": {"type": "integer"}}}]),
+    "grammar": st.sampled_from(['root ::= "a" | "b"', "root ::= (", 'root ::= [0-9]+']),
 }
 _junk = st.one_of(_json, st.floats(), st.integers(-(2**64), 2**64), st.text(max_size=8),
                   st.sampled_from([-1, 0, 1e-320, 1e308, 3, 100, 1 << 40]))

@@ -35,7 +35,10 @@ Decisions where the OpenAI API leaves room:
   cannot compile is a 400 naming its field.
 - usage.prompt_tokens_details.cached_tokens: prompt tokens served from prompt caching
   (--cache-tokens; see server_batch.py).
-- n and best_of must be 1; suffix and tools/functions are 400; unknown fields are ignored.
+- n (1..16, at most 64 choices per request): choice i * n + j is sample j of prompt i; with
+  a seed, sample j draws from seed + j (sample 0 is the n = 1 answer); the samples of one
+  prompt share its prefill (prompt caching). best_of must be 1 or n; suffix and
+  tools/functions are 400; unknown fields are ignored.
 - Security: loopback by default; --api-key checks `Authorization: Bearer KEY` (constant
   time) on everything but /health; bodies over 1 MiB get 413; NaN/Infinity and lone
   surrogates are invalid JSON; every error is {"error": {"message", "type", "param",

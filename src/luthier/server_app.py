@@ -142,7 +142,11 @@ class Server:
 
     def submit(self, prompts: list[list[int]], p: GenParams, max_tokens: list[int],
                echo_texts: list[str] | None) -> GenJob:
-        job = GenJob(prompts, p, max_tokens, echo_texts, asyncio.get_running_loop())
+        """A job of n choices per prompt: its sequence i * n + j is sample j of prompt i."""
+        def rep(xs):
+            return None if xs is None else [x for x in xs for _ in range(p.n)]
+
+        job = GenJob(rep(prompts), p, rep(max_tokens), rep(echo_texts), asyncio.get_running_loop())
         self.worker.submit(job)
         return job
 
@@ -235,7 +239,7 @@ class Server:
         if p.stream:
             return self.sse(self.completion_chunks(job, cid, p, [len(x) for x in prompts]))
         choices = [{"index": i, "text": "", "logprobs": None, "finish_reason": None}
-                   for i in range(len(prompts))]
+                   for i in range(len(prompts) * p.n)]
         ptoks = ctoks = cached = 0
         async for d in self.events(job, request):
             c = choices[d.index]
@@ -249,9 +253,9 @@ class Server:
             c["text"] += d.text
             if d.finish_reason:
                 c["finish_reason"] = d.finish_reason
-                ptoks += len(prompts[d.index])
+                ptoks += len(prompts[d.index // p.n]) if d.index % p.n == 0 else 0  # a prompt counts once
                 ctoks += d.completion_tokens
-                cached += d.cached_tokens
+                cached += d.cached_tokens if d.index % p.n == 0 else 0
         for c in choices:
             if p.logprobs is not None and c["logprobs"] is None:
                 c["logprobs"] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
@@ -262,7 +266,7 @@ class Server:
     async def completion_chunks(self, job: GenJob, cid: str, p: GenParams,
                                 n_prompt: list[int]) -> AsyncIterator[dict]:
         created = int(time.time())
-        offsets = [0] * len(n_prompt)
+        offsets = [0] * (len(n_prompt) * p.n)
         ptoks = ctoks = cached = 0
         async for d in self.events(job, None):
             lp = None
@@ -270,9 +274,9 @@ class Server:
                 lp = completion_logprobs(self.tok, d.tokens, offsets[d.index])
             offsets[d.index] += len(d.text)
             if d.finish_reason:
-                ptoks += n_prompt[d.index]
+                ptoks += n_prompt[d.index // p.n] if d.index % p.n == 0 else 0  # a prompt counts once
                 ctoks += d.completion_tokens
-                cached += d.cached_tokens
+                cached += d.cached_tokens if d.index % p.n == 0 else 0
             chunk = {"id": cid, "object": "text_completion", "created": created, "model": self.model_id,
                      "system_fingerprint": self.fingerprint,
                      "choices": [{"index": d.index, "text": d.text, "logprobs": lp,
@@ -293,39 +297,46 @@ class Server:
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         if p.stream:
             return self.sse(self.chat_chunks(job, cid, p, len(ids)))
-        text, infos, finish, ctoks, cached = [], [], None, 0, 0
+        texts = [[] for _ in range(p.n)]
+        infos: list[list] = [[] for _ in range(p.n)]
+        finish: list[str | None] = [None] * p.n
+        ctoks = cached = 0
         async for d in self.events(job, request):
-            text.append(d.text)
-            infos += d.tokens
+            texts[d.index].append(d.text)
+            infos[d.index] += d.tokens
             if d.finish_reason:
-                finish, ctoks, cached = d.finish_reason, d.completion_tokens, d.cached_tokens
-        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                  "logprobs": chat_logprobs(self.tok, infos) if p.logprobs is not None else None,
-                  "finish_reason": finish}
+                finish[d.index] = d.finish_reason
+                ctoks += d.completion_tokens
+                cached = d.cached_tokens if d.index == 0 else cached
+        choices = [{"index": j, "message": {"role": "assistant", "content": "".join(texts[j])},
+                    "logprobs": chat_logprobs(self.tok, infos[j]) if p.logprobs is not None else None,
+                    "finish_reason": finish[j]} for j in range(p.n)]
         return json_response({"id": cid, "object": "chat.completion", "created": int(time.time()),
                               "model": self.model_id, "system_fingerprint": self.fingerprint,
-                              "choices": [choice], "usage": usage(len(ids), ctoks, cached)})
+                              "choices": choices, "usage": usage(len(ids), ctoks, cached)})
 
     async def chat_chunks(self, job: GenJob, cid: str, p: GenParams, n_prompt: int) -> AsyncIterator[dict]:
         created = int(time.time())
 
-        def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
+        def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None, index: int = 0) -> dict:
             c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_id,
                  "system_fingerprint": self.fingerprint,
-                 "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
             if p.include_usage:
                 c["usage"] = None
             return c
 
-        yield chunk({"role": "assistant", "content": ""})
+        for j in range(p.n):
+            yield chunk({"role": "assistant", "content": ""}, index=j)
         ctoks = cached = 0
         async for d in self.events(job, None):
             lp = chat_logprobs(self.tok, d.tokens) if p.logprobs is not None else None
             if d.text or d.tokens:
-                yield chunk({"content": d.text}, None, lp)
+                yield chunk({"content": d.text}, None, lp, d.index)
             if d.finish_reason:
-                ctoks, cached = d.completion_tokens, d.cached_tokens
-                yield chunk({}, d.finish_reason)
+                ctoks += d.completion_tokens
+                cached = d.cached_tokens if d.index == 0 else cached
+                yield chunk({}, d.finish_reason, index=d.index)
         if p.include_usage:
             yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_id,
                    "system_fingerprint": self.fingerprint, "choices": [], "usage": usage(n_prompt, ctoks, cached)}

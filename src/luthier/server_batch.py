@@ -117,7 +117,7 @@ class BatchScheduler:
         seqs = []
         try:
             for i, ids in enumerate(job.prompts):
-                hook = make_hook(self.lm, p)
+                hook = make_hook(self.lm, p, i)
                 st = TokenStream(self.lm, ids, job.max_tokens[i], hook, stop=p.stop, ignore_eos=p.ignore_eos)
                 seqs.append(_Seq(job, i, st, hook, set(self.lm.tokenizer.eos_ids)))
         except Exception as e:  # noqa: BLE001 - requests were checked; report, do not crash

@@ -13,6 +13,7 @@ from typing import Any
 
 MAX_BODY_BYTES = 1 << 20  # request bodies over this get 413
 MAX_PROMPTS = 64  # prompts in one /v1/completions request (a batch, as lm-eval sends)
+MAX_N = 16  # choices per prompt (n): pass@k evaluations sample several
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4)
 MAX_STOP_CHARS = 512
 MAX_TOP_LOGPROBS = 20
@@ -157,13 +158,14 @@ class GenParams:
     include_usage: bool = False
     ignore_eos: bool = False  # vLLM's and llama-server's extension: only max_tokens and stop end it
     grammar: str | None = None  # llguidance grammar of response_format & co. (grammar.py)
+    n: int = 1  # choices per prompt: choice i * n + j is sample j of prompt i
 
 
 def _common_params(body: dict, vocab_size: int, n_ctx: int, default_max: int | None) -> GenParams:
-    for name in ("n", "best_of"):
-        if _int(body, name, 1, 1, 1 << 30) != 1:
-            raise _bad(name, f"only {name}=1 is supported")
     p = GenParams()
+    p.n = _int(body, "n", 1, 1, MAX_N)
+    if _int(body, "best_of", 1, 1, 1 << 30) not in (1, p.n):
+        raise _bad("best_of", "best_of other than 1 (or n) is not supported")
     # max_completion_tokens is the chat API's newer name for max_tokens
     mt = _int(body, "max_completion_tokens", None, 0, n_ctx)
     p.max_tokens = mt if mt is not None else _int(body, "max_tokens", default_max, 0, n_ctx)
@@ -229,6 +231,8 @@ def parse_completion(body: dict, vocab_size: int, n_ctx: int) -> CompletionReque
                              "ids or an array of arrays of token ids (non-empty)", "invalid_type")
     if len(prompts) > MAX_PROMPTS:
         raise _bad("prompt", f"at most {MAX_PROMPTS} prompts per request")
+    if len(prompts) * p.n > MAX_PROMPTS:
+        raise _bad("n", f"at most {MAX_PROMPTS} choices (prompts x n) per request")
     for ids in prompts:
         if isinstance(ids, list):
             bad = next((t for t in ids if not 0 <= t < vocab_size), None)

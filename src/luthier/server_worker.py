@@ -109,12 +109,14 @@ class _SamplingHook:
         return out
 
 
-def make_hook(lm, p: GenParams) -> _SamplingHook:
-    """The sampler of one prompt of a request: its sampling parameters, then penalties,
+def make_hook(lm, p: GenParams, choice: int = 0) -> _SamplingHook:
+    """The sampler of one choice of a request: its sampling parameters, then penalties,
     logit bias and logprobs (the hook), then its grammar (response_format & co.), which
-    masks what the penalties left before the draw."""
+    masks what the penalties left before the draw. With n > 1 and a seed, sample j of a
+    prompt draws from seed + j (the first as a request with n = 1 would)."""
+    seed = None if p.seed is None else (p.seed + choice % p.n) % (1 << 64)
     sampler = Sampler(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
-                      repetition_penalty=p.repetition_penalty, seed=p.seed)
+                      repetition_penalty=p.repetition_penalty, seed=seed)
     if p.grammar is not None:
         from .grammar import GrammarSampler
 
@@ -197,7 +199,7 @@ class GenJob(Job):
         if max_tokens == 0:
             self.emit(Delta(index, "", finish_reason="length", prompt_tokens=len(ids)))
             return
-        hook = make_hook(lm, p)
+        hook = make_hook(lm, p, index)
         eos = set(lm.tokenizer.eos_ids)
         gen = generate_stream(lm, ids, max_tokens, hook, stop=p.stop, ignore_eos=p.ignore_eos)
         try:
