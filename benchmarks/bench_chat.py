@@ -29,7 +29,7 @@ import time
 import httpx
 import numpy as np
 
-from bench_server import free_port, wait_ready
+from bench_server import free_port, served
 
 SYSTEM = ("You are a patient tutor. You answer questions about science and history in plain "
           "words, with one short example each time, and you never use more than three sentences. "
@@ -76,27 +76,14 @@ def conversation(url: str, turns: int, max_tokens: int, extra: dict) -> list[dic
 
 
 def run(name: str, cmd: list[str], url: str, a, variants: list[tuple[str, dict]]) -> dict:
-    print(f"# {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     out = {}
-    try:
-        wait_ready(url, proc)
+    with served(name, cmd, url):
         turn(url, [{"role": "user", "content": "Hello."}], 4, {})  # warm up (shares no prefix but the template's)
         for label, extra in variants:
             out[label] = conversation(url, a.turns, a.max_tokens, extra)
             ttft = [r["ttft_ms"] for r in out[label]]
             print(f"{label:>16}: TTFT per turn (ms) {' '.join(f'{t:.0f}' for t in ttft)}; "
                   f"sum {np.nansum(ttft):.0f}", file=sys.stderr, flush=True)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if proc.returncode not in (0, -15, None) and not out:
-            log.seek(0)
-            sys.stderr.write(log.read().decode(errors="replace")[-3000:])
     return out
 
 

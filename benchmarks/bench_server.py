@@ -21,6 +21,7 @@ Nothing else should run on the machine (spin-waiting thread pools collapse under
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Iterator
 
 import httpx
 import numpy as np
@@ -211,13 +213,32 @@ def load(url: str, clients: int, per_client: int, max_tokens: int, pre: str = ""
     return _summary(clients, results, wall)
 
 
-def run_engine(name: str, cmd: list[str], url: str, args) -> list[dict]:
+@contextlib.contextmanager
+def served(name: str, cmd: list[str], url: str) -> Iterator[None]:
+    """Runs a server process for the body, ready before it starts; stops it after and, if
+    it failed before it could serve, prints the end of its log."""
     print(f"# {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    rows = []
+    ready = False
     try:
         wait_ready(url, proc)
+        ready = True
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if proc.returncode not in (0, -15, None) and not ready:
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace")[-3000:])
+
+
+def run_engine(name: str, cmd: list[str], url: str, args) -> list[dict]:
+    rows = []
+    with served(name, cmd, url):
         one_request(url, "Warm up.", 8)
         for n in args.clients:
             r = (load_async if args.client == "asyncio" else load)(url, n, args.requests, args.max_tokens,
@@ -226,15 +247,6 @@ def run_engine(name: str, cmd: list[str], url: str, args) -> list[dict]:
             rows.append(r)
             print(f"{name:>14} N={n:>2}: {r['agg_tps']:7.1f} tok/s, TTFT p50 {r['ttft_p50_ms']:7.0f} ms "
                   f"p95 {r['ttft_p95_ms']:7.0f} ms", file=sys.stderr, flush=True)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if proc.returncode not in (0, -15, None) and not rows:
-            log.seek(0)
-            sys.stderr.write(log.read().decode(errors="replace")[-3000:])
     return rows
 
 

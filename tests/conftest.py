@@ -17,3 +17,21 @@ def one_blas_thread() -> Any:
     limits = threadpool_limits(1)
     yield
     limits.restore_original_limits()
+
+
+@pytest.fixture(scope="module")
+def server() -> Any:
+    """A BackgroundServer of the default model on a loopback port (tests/server_helpers.py);
+    one per test module that asks for it (test_chat_page.py has its own)."""
+    from server_helpers import start_server
+
+    with start_server() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server) -> Any:
+    """The `openai` client on `server`."""
+    from server_helpers import make_client
+
+    return make_client(server)

