@@ -147,6 +147,31 @@ def test_chat_logprobs(client):
         assert len(c.top_logprobs) == 3 and c.logprob == c.top_logprobs[0].logprob <= 0
 
 
+def test_metrics(server, client):
+    """/metrics in Prometheus' text format: token counters move by what a request used."""
+    def read():
+        r = httpx.get(server.url + "/metrics", headers=AUTH)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        out = {}
+        for line in r.text.splitlines():
+            if not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name.split("{")[0]] = float(value)
+        return out
+
+    wait_idle(server)
+    before = read()
+    r = client.completions.create(model="default", prompt="Hello there", max_tokens=5, temperature=0)
+    wait_idle(server)
+    after = read()
+    assert after["luthier_generation_tokens_total"] - before["luthier_generation_tokens_total"] == 5
+    assert after["luthier_prompt_tokens_total"] - before["luthier_prompt_tokens_total"] == r.usage.prompt_tokens
+    assert after["luthier_requests_finished_total"] == before["luthier_requests_finished_total"] + 1
+    assert after["luthier_requests_held"] == 0 and after["luthier_sequences_running"] == 0
+    assert {"luthier_prompt_tokens_cached_total", "luthier_kv_kept_tokens", "luthier_decode_steps_total"} <= set(after)
+    assert_error(httpx.get(server.url + "/metrics"), 401, "invalid_api_key")
+
+
 # ---------------------------------------------------------------------- errors
 
 

@@ -3,6 +3,7 @@
 Endpoints (each also without the /v1 prefix, as llama.cpp's server answers):
 
     GET  /health                 {"status": "ok", "model", "busy", "queued", "max_queue"} (no key needed)
+    GET  /metrics                Prometheus text: requests, prompt/generated/cached tokens, queue, KV kept
     GET  /v1/models              the served model; its id is the file name without .gguf
     POST /v1/completions         prompt: string | [string] | [token id] | [[token id]]
     POST /v1/chat/completions    messages through the model's (sandboxed) chat template

@@ -198,6 +198,23 @@ class Server:
         return json_response({"status": "ok", "model": self.model_id, "busy": w.busy,
                               "queued": w.queued, "max_queue": w.max_queue})
 
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus text format (as vLLM's and llama-server's /metrics): requests,
+        tokens, prompt caching, the queue. Needs the API key when one is set."""
+        self.check_auth(request)
+        w = self.worker
+        m = {"requests_finished_total": ("counter", "requests answered", w.n_done),
+             "requests_cancelled_total": ("counter", "requests whose client went away", w.n_cancelled),
+             "requests_held": ("gauge", "requests waiting or running", w.held),
+             "requests_max_queue": ("gauge", "requests held at most before 503", w.max_queue)}
+        if w.sched is not None:
+            m.update(w.sched.metrics())
+        lines = []
+        for name, (kind, text, value) in m.items():
+            lines += [f"# HELP luthier_{name} {text}", f"# TYPE luthier_{name} {kind}",
+                      f'luthier_{name}{{model="{self.model_id}"}} {value}']
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8")
+
     async def tokenize_endpoint(self, request: Request) -> Response:
         self.check_auth(request)
         body = await self.read_json(request)
@@ -408,6 +425,7 @@ def make_app(lm, model_id: str | None = None, api_key: str | None = None, max_qu
     for path, fn, methods in (
         ("/", chat_page_endpoint(), ["GET"]),
         ("/health", srv.health, ["GET"]),
+        ("/metrics", srv.metrics, ["GET"]),
         ("/v1/models", srv.models, ["GET"]),
         ("/v1/models/{model_id:path}", srv.models, ["GET"]),
         ("/v1/completions", srv.completions, ["POST"]),

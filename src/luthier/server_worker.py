@@ -269,6 +269,11 @@ class Worker:
     def n_cancelled(self) -> int:
         return self._n_cancelled + (self.sched.n_cancelled if self.sched else 0)
 
+    @property
+    def held(self) -> int:
+        """Requests waiting or running."""
+        return self._held()
+
     def _held(self) -> int:
         """Requests waiting or running."""
         return len(self._pending) + (self._running is not None) + (self.sched.n_jobs if self.sched else 0)
