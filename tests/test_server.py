@@ -369,6 +369,9 @@ def test_serve_parser_defaults():
     assert (a.host, a.port, a.model, a.fn) == ("127.0.0.1", 8000, None, cmd_serve)
     a = p.parse_args(["serve", "m.gguf", "--port", "0", "--api-key", "k", "--max-queue", "3", "--bits", "2"])
     assert (a.model, a.port, a.api_key, a.max_queue, a.bits) == ("m.gguf", 0, "k", 3, 2)
+    assert a.cache_tokens is None  # prompt caching on, one --ctx of kept KV
+    with pytest.raises(ValueError, match="cache-tokens"):
+        cmd_serve(p.parse_args(["serve", "--cache-tokens", "-1"]))
 
 
 def test_serve_command_starts_and_stops_on_ctrl_c():
