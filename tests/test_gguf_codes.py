@@ -231,8 +231,14 @@ def test_bits_source_runs_the_files_own_codes(tmp_path: Path) -> None:
     st = quantize_to_file(src, str(out), QuantConfig(bits="source"))
     assert st["bits_per_weight"] == pytest.approx(5.0)
     lf = load_model(str(out), n_threads=2, ctx=64)
-    assert lf.quant.bits == "source"
+    assert lf.quant.bits == "source" and lf.extra["method"] == "source"  # no quantizer made these codes
     np.testing.assert_array_equal(lf.model.forward(ids, lf.model.new_cache(64), 0)[-1], got)
+    from argparse import Namespace
+
+    from luthier.qfile_cli import ignored_options_note
+
+    note = ignored_options_note(Namespace(bits=2, group_size=64), lf)
+    assert "group as stored" in note and "--bits, --group-size ignored" in note
 
 
 def test_bits_source_keeps_float_tensors_float() -> None:

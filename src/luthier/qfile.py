@@ -277,8 +277,11 @@ def quantize_to_file(model: str | None, out: str, quant: Any, method: str = "rtn
         args, weights, meta, linears = _calibrated_linears(path, method, quant, calib or {}, progress)
         floats = {n: w for n, w in weights.items() if n not in linears or n == "token_embd.weight"}
     t_quant = time.perf_counter() - t0
+    # source codes came through no quantizer, and keep their own groups (each linear's spec
+    # records its group size; luthier.group_size stays the config's, which nothing reads then)
     info = dict(bits=quant.bits, group_size=quant.group_size, head_bits=quant.head_bits,
-                head_group_size=quant.head_group_size, embd_bits=quant.embedding_bits, method=method,
+                head_group_size=quant.head_group_size, embd_bits=quant.embedding_bits,
+                method="source" if quant.bits == engine.SOURCE else method,
                 mode=quant.mode, symmetric=quant.symmetric)
     write_quantized(out, path, args, meta, floats, linears, info, force, progress)
     block = [(l, _weight_count(l)) for n, l in linears.items() if n.startswith("blk.")]

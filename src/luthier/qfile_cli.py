@@ -109,5 +109,5 @@ def ignored_options_note(a: argparse.Namespace, lm: Any) -> str | None:
     d, q = QuantConfig(), lm.quant
     given = [f"--{attr.replace('_', '-')}" for attr in ("bits", "group_size", "head_bits", "embd_bits", "symmetric")
              if getattr(a, attr, None) not in (None, AUTO, getattr(d, attr), getattr(q, attr))]
-    return (f"note: {lm.path} is a quantized luthier file (bits {q.bits}, group {q.group_size}, head "
+    return (f"note: {lm.path} is a quantized luthier file (bits {q.bits}, group {q.group_label}, head "
             f"{q.head_bits}, {lm.extra.get('method')}): {', '.join(given)} ignored") if given else None
