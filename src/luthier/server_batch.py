@@ -32,25 +32,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .generate import GenerationChunk, TokenStream
+from .generate import GenerationChunk, TokenStream, common_prefix
 
 DEFAULT_BATCH_TOKENS = 256  # rows per forward: decode tokens first, prompt chunks after
 WAIT_FOR_PREFIX = 16  # a prompt waits for a prefilling one that will give it this many more tokens
-
-
-def common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    """Length of the longest common prefix of a and b, at most `limit` (binary search on
-    slice equality: C-speed compares instead of a Python loop per token)."""
-    lo, hi = 0, min(len(a), len(b), limit)
-    if a[:hi] == b[:hi]:
-        return hi
-    while lo < hi:  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 def _put_all(items) -> None:
@@ -207,7 +192,8 @@ class BatchScheduler:
             s = self.waiting.popleft()
             p, job = s.job.params, s.job
             ids = s.stream.ids
-            if self._should_wait(ids):
+            src, n = self._best_prefix(ids)
+            if self._should_wait(ids, n):
                 held.append(s)
                 continue
             if p.echo:  # prompt logprobs: one full forward in the scoring slot (0)
@@ -219,36 +205,41 @@ class BatchScheduler:
                 self._emit(s, s.stream.finish("length"))
                 self._seq_done(s)
                 continue
-            s.slot, s.fed = self._take_slot(ids)
+            s.slot, s.fed = self._take_slot(src, n)
             s.stream.stats.cached_tokens = s.fed
             self.n_cached_tokens += s.fed
             s.t_admit = time.perf_counter()
             self.running.append(s)
         self.waiting.extendleft(reversed(held))
 
-    def _should_wait(self, ids: list[int]) -> bool:
-        """Whether a prompt should stay queued for now because a running sequence is still
-        prefilling a prefix they share (requests that arrive together with one system
-        prompt): once it is computed, this prompt copies it instead of computing it again."""
-        if self.cache_tokens <= 0:
-            return False
-        limit = len(ids) - 1
-        have = max((common_prefix(t, ids, limit) for _, t in self._prefix_sources()), default=0)
-        return any(s.prefilling and common_prefix(s.stream.ids, ids, limit) >= have + WAIT_FOR_PREFIX
-                   for s in self.running)
-
-    def _take_slot(self, ids: list[int]) -> tuple[int, int]:
-        """(slot, n): a free slot for the prompt `ids` and how many of its first tokens the
-        slot's KV holds already (at most all but the last: its logits are needed). The
-        prefix comes from the idle slot or running sequence that shares the most of it:
-        an idle slot is taken over when the prompt reuses most of what it keeps (or no
-        empty slot is left); otherwise the prefix's KV is copied into an empty (or the
-        least recently used) slot, which leaves the source's cache as it is."""
+    def _best_prefix(self, ids: list[int]) -> tuple[int | None, int]:
+        """(slot, n): the idle slot or running sequence whose KV holds the longest prefix
+        of the prompt `ids`, and its length (at most all but the last token: its logits
+        are needed); (None, 0) when none shares any."""
         src, n = None, 0
         for slot, toks in self._prefix_sources():
             k = common_prefix(toks, ids, len(ids) - 1)
             if k > n:
                 src, n = slot, k
+        return src, n
+
+    def _should_wait(self, ids: list[int], have: int) -> bool:
+        """Whether a prompt should stay queued for now because a running sequence is still
+        prefilling a prefix they share (requests that arrive together with one system
+        prompt) longer than the `have` tokens available now: once it is computed, this
+        prompt copies it instead of computing it again."""
+        if self.cache_tokens <= 0:
+            return False
+        limit = len(ids) - 1
+        return any(s.prefilling and common_prefix(s.stream.ids, ids, limit) >= have + WAIT_FOR_PREFIX
+                   for s in self.running)
+
+    def _take_slot(self, src: int | None, n: int) -> tuple[int, int]:
+        """(slot, n): a free slot for a prompt whose first n tokens slot `src` holds
+        (_best_prefix), and how many of them the returned slot holds. An idle source is
+        taken over when the prompt reuses most of what it keeps (or no empty slot is
+        left); otherwise the prefix's KV is copied into an empty (or the least recently
+        used) slot, which leaves the source's cache as it is."""
         empty = next((sl for sl in self.free_slots if sl not in self.kept), None)
         if src in self.kept and (2 * n >= len(self.kept[src]) or empty is None):
             slot = src  # positions from n on are overwritten as the prompt is fed
