@@ -419,7 +419,10 @@ _json = st.recursive(
 _text_part = st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=10)})
 _message = st.fixed_dictionaries({
     "role": st.sampled_from(["system", "user", "assistant", "developer", "tool"]),
-    "content": st.one_of(st.text(max_size=30), st.lists(_text_part, min_size=1, max_size=2))})
+    "content": st.one_of(st.text(max_size=30), st.lists(_text_part, min_size=1, max_size=2))},
+    optional={"tool_calls": st.sampled_from([[], [{"id": "c", "type": "function", "function": {
+        "name": "f", "arguments": '{"x": 1}'}}], [{"function": {"name": "f", "arguments": "{oops"}}],
+        [{"function": {"name": 3}}], "x"])})
 # valid values: the fuzz mostly reaches generation, then breaks a few fields
 _valid = {
     "model": st.just("default"),
@@ -435,6 +438,11 @@ _valid = {
                                         {"type": "json_schema", "json_schema": {"schema": {"type": "integer"}}}]),
     "grammar": st.sampled_from(['root ::= "a" | "b"', "root ::= (", 'root ::= [0-9]+']),
 }
+_tools = st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": st.sampled_from(["f", "g", "h"])},
+    optional={"parameters": st.sampled_from([{"type": "object", "properties": {"x": {"type": "integer"}}},
+                                             {"type": "integer"}, {"type": "nonsense"}])})}),
+    max_size=2)
 _junk = st.one_of(_json, st.floats(), st.integers(-(2**64), 2**64), st.text(max_size=8),
                   st.sampled_from([-1, 0, 1e-320, 1e308, 3, 100, 1 << 40]))
 
@@ -444,7 +452,10 @@ def _request(draw):
     chat = draw(st.booleans())
     valid = dict(_valid)
     if chat:
-        valid.update(logprobs=st.booleans(), top_logprobs=st.integers(0, 20))
+        valid.update(logprobs=st.booleans(), top_logprobs=st.integers(0, 20), tools=_tools,
+                     tool_choice=st.sampled_from(["auto", "none", "required", {"type": "function",
+                                                                               "function": {"name": "f"}}]),
+                     parallel_tool_calls=st.booleans())
         required = {"messages": st.lists(_message, min_size=1, max_size=3)}
     else:
         valid.update(logprobs=st.integers(0, 20))

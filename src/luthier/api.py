@@ -17,6 +17,10 @@ from .engine import QuantConfig, load_model, parse_bits
 from .generate import GenerationChunk, PromptCache, generate_stream
 from .grammar import GrammarSampler, from_request
 from .sample import Sampler
+from .tools import ToolStream, check_tool_calls
+from .tools import encode as encode_tools
+from .tools import from_request as tool_spec
+from .tools import parse as parse_tools
 
 
 def _usage(stats) -> dict:
@@ -131,12 +135,27 @@ class Llama:
                                stop: str | list[str] | None = None, seed: int | None = None,
                                max_tokens: int | None = None, repeat_penalty: float = 1.0,
                                stream: bool = False, response_format: dict | None = None,
-                               grammar: str | None = None) -> dict | Iterator[dict]:
+                               grammar: str | None = None, tools: list[dict] | None = None,
+                               tool_choice: str | dict | None = None,
+                               parallel_tool_calls: bool = True) -> dict | Iterator[dict]:
         """llama-cpp-python's create_chat_completion. response_format: OpenAI's
         {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}
-        (or llama-cpp-python's {"type": "json_object", "schema": ...}); grammar: GBNF."""
-        ids = self._lm.tokenizer.encode_chat(messages)
-        sampler = self._sampler(temperature, top_p, top_k, min_p, repeat_penalty, seed, response_format, grammar)
+        (or llama-cpp-python's {"type": "json_object", "schema": ...}); grammar: GBNF.
+        tools / tool_choice / parallel_tool_calls: OpenAI's function calling (tools.py);
+        calls come back as message.tool_calls with finish_reason "tool_calls"."""
+        spec = tool_spec({"tools": tools, "tool_choice": tool_choice, "parallel_tool_calls": parallel_tool_calls})
+        messages = [dict(m, tool_calls=check_tool_calls(m["tool_calls"], "tool_calls"))
+                    if isinstance(m, dict) and m.get("tool_calls") else m for m in messages]
+        ids = encode_tools(self._lm.tokenizer, messages, spec)
+        if spec is not None and spec.forced:
+            if response_format is not None or grammar is not None:
+                raise ValueError("tool_choice required / a named function cannot be combined "
+                                 "with response_format or grammar")
+            sampler = GrammarSampler(self._sampler(temperature, top_p, top_k, min_p, repeat_penalty, seed),
+                                     self._lm, spec.grammar())
+        else:
+            sampler = self._sampler(temperature, top_p, top_k, min_p, repeat_penalty, seed,
+                                    response_format, grammar)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         model = self.model_path
 
@@ -147,17 +166,27 @@ class Llama:
         if stream:
             def gen() -> Iterator[dict]:
                 yield chunk({"role": "assistant"}, None)
+                held = ToolStream(spec)  # tool calls come whole when the answer ends
                 for ch in self._stream(ids, max_tokens, stop, sampler):
-                    if ch.text:
-                        yield chunk({"content": ch.text}, None)
+                    text = held.feed(ch.text)
+                    if text:
+                        yield chunk({"content": text}, None)
                     if ch.finish_reason:
-                        yield chunk({}, ch.finish_reason)
+                        rest, calls = held.finish()
+                        if rest:
+                            yield chunk({"content": rest}, None)
+                        for k, c in enumerate(calls):
+                            yield chunk({"tool_calls": [dict(c, index=k)]}, None)
+                        yield chunk({}, "tool_calls" if calls else ch.finish_reason)
             return gen()
         parts, finish = [], "length"
         for ch in self._stream(ids, max_tokens, stop, sampler):
             parts.append(ch.text)
             finish = ch.finish_reason or finish
+        content, calls = parse_tools("".join(parts), spec)
+        message = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"], finish = calls, "tool_calls"
         return {"id": cid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                             "logprobs": None, "finish_reason": finish}],
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
                 "usage": _usage(self._last_stats)}

@@ -38,8 +38,15 @@ Decisions where the OpenAI API leaves room:
   (--cache-tokens; see server_batch.py).
 - n (1..16, at most 64 choices per request): choice i * n + j is sample j of prompt i; with
   a seed, sample j draws from seed + j (sample 0 is the n = 1 answer); the samples of one
-  prompt share its prefill (prompt caching). best_of must be 1 or n; suffix and
-  tools/functions are 400; unknown fields are ignored.
+  prompt share its prefill (prompt caching). best_of must be 1 or n; suffix and the
+  deprecated functions/function_call are 400; unknown fields are ignored.
+- Tool calling (tools.py; chat only): tools, tool_choice ("auto" by default, "none",
+  "required", {"type": "function", "function": {"name"}}), parallel_tool_calls. Calls are
+  read from the model's Hermes-style <tool_call> blocks into message.tool_calls (ids
+  "call_..."; finish_reason "tool_calls"); blocks that do not parse stay content. A
+  streamed answer's calls come whole, one tool_calls delta each, when its choice ends.
+  "required" / a named function constrain the output by grammar and exclude
+  response_format & co.
 - Security: loopback by default; --api-key checks `Authorization: Bearer KEY` (constant
   time) on everything but /health; bodies over 1 MiB get 413; NaN/Infinity and lone
   surrogates are invalid JSON; every error is {"error": {"message", "type", "param",

@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from . import __version__
+from . import __version__, tools
 from .server_protocol import (MAX_BODY_BYTES, APIError, GenParams, chat_logprobs, check_model,
                               check_strings, completion_logprobs, error_body, parse_chat,
                               parse_completion, usage)
@@ -313,12 +313,12 @@ class Server:
     async def chat(self, request: Request) -> Response:
         req = await self.generation_request(request, parse_chat)
         p = req.params
-        ids = await self.tokenize(self.tok.encode_chat, req.messages)
+        ids = await self.tokenize(tools.encode, self.tok, req.messages, req.tools)
         budget = self.context_check(ids, p.max_tokens, False, "messages")
         job = self.submit([ids], p, [budget], None)
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         if p.stream:
-            return self.sse(self.chat_chunks(job, cid, p, len(ids)))
+            return self.sse(self.chat_chunks(job, cid, p, len(ids), req.tools))
         texts = [[] for _ in range(p.n)]
         infos: list[list] = [[] for _ in range(p.n)]
         finish: list[str | None] = [None] * p.n
@@ -330,14 +330,21 @@ class Server:
                 finish[d.index] = d.finish_reason
                 ctoks += d.completion_tokens
                 cached = d.cached_tokens if d.index == 0 else cached
-        choices = [{"index": j, "message": {"role": "assistant", "content": "".join(texts[j])},
-                    "logprobs": chat_logprobs(self.tok, infos[j]) if p.logprobs is not None else None,
-                    "finish_reason": finish[j]} for j in range(p.n)]
+        choices = []
+        for j in range(p.n):
+            content, calls = tools.parse("".join(texts[j]), req.tools)
+            message = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = calls
+            choices.append({"index": j, "message": message,
+                            "logprobs": chat_logprobs(self.tok, infos[j]) if p.logprobs is not None else None,
+                            "finish_reason": "tool_calls" if calls else finish[j]})
         return json_response({"id": cid, "object": "chat.completion", "created": int(time.time()),
                               "model": self.model_id, "system_fingerprint": self.fingerprint,
                               "choices": choices, "usage": usage(len(ids), ctoks, cached)})
 
-    async def chat_chunks(self, job: GenJob, cid: str, p: GenParams, n_prompt: int) -> AsyncIterator[dict]:
+    async def chat_chunks(self, job: GenJob, cid: str, p: GenParams, n_prompt: int,
+                          spec: tools.ToolSpec | None) -> AsyncIterator[dict]:
         created = int(time.time())
 
         def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None, index: int = 0) -> dict:
@@ -350,15 +357,23 @@ class Server:
 
         for j in range(p.n):
             yield chunk({"role": "assistant", "content": ""}, index=j)
+        # tool calls are held back until their choice ends, then sent whole, one delta each
+        streams = [tools.ToolStream(spec) for _ in range(p.n)]
         ctoks = cached = 0
         async for d in self.events(job, None):
             lp = chat_logprobs(self.tok, d.tokens) if p.logprobs is not None else None
-            if d.text or d.tokens:
-                yield chunk({"content": d.text}, None, lp, d.index)
+            text = streams[d.index].feed(d.text)
+            if text or d.tokens:
+                yield chunk({"content": text}, None, lp, d.index)
             if d.finish_reason:
                 ctoks += d.completion_tokens
                 cached = d.cached_tokens if d.index == 0 else cached
-                yield chunk({}, d.finish_reason, index=d.index)
+                rest, calls = streams[d.index].finish()
+                if rest:
+                    yield chunk({"content": rest}, index=d.index)
+                for k, c in enumerate(calls):
+                    yield chunk({"tool_calls": [dict(c, index=k)]}, index=d.index)
+                yield chunk({}, "tool_calls" if calls else d.finish_reason, index=d.index)
         if p.include_usage:
             yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_id,
                    "system_fingerprint": self.fingerprint, "choices": [], "usage": usage(n_prompt, ctoks, cached)}

@@ -11,6 +11,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .grammar import GrammarError
+from .grammar import from_request as grammar_from_request
+from .tools import ToolSpec, check_tool_calls
+from .tools import from_request as tools_from_request
+
 MAX_BODY_BYTES = 1 << 20  # request bodies over this get 413
 MAX_PROMPTS = 64  # prompts in one /v1/completions request (a batch, as lm-eval sends)
 MAX_N = 16  # choices per prompt (n): pass@k evaluations sample several
@@ -193,15 +198,17 @@ def _common_params(body: dict, vocab_size: int, n_ctx: int, default_max: int | N
     for name in ("suffix",):
         if body.get(name):
             raise _bad(name, f"'{name}' is not supported")
-    from .grammar import GrammarError, from_request
-
     try:
-        p.grammar = from_request(body)
+        p.grammar = grammar_from_request(body)
     except GrammarError as e:
         raise _bad(e.param, str(e)) from None
-    if body.get("tools") or body.get("functions"):
-        raise _bad("tools", "tools and function calling are not supported")
     return p
+
+
+def _no_tools(body: dict) -> None:
+    for name in ("tools", "functions", "tool_choice", "function_call"):
+        if body.get(name):
+            raise _bad(name, f"'{name}' belongs to /v1/chat/completions")
 
 
 @dataclass
@@ -212,6 +219,7 @@ class CompletionRequest:
 
 def parse_completion(body: dict, vocab_size: int, n_ctx: int) -> CompletionRequest:
     p = _common_params(body, vocab_size, n_ctx, default_max=16)  # OpenAI's default
+    _no_tools(body)
     p.echo = _bool(body, "echo", False)
     p.logprobs = _int(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
     prompt = body.get("prompt")
@@ -245,6 +253,7 @@ def parse_completion(body: dict, vocab_size: int, n_ctx: int) -> CompletionReque
 class ChatRequest:
     messages: list[dict]
     params: GenParams
+    tools: ToolSpec | None = None
 
 
 def _message_text(content: Any, i: int) -> str:
@@ -269,6 +278,18 @@ def _message_text(content: Any, i: int) -> str:
 
 def parse_chat(body: dict, vocab_size: int, n_ctx: int) -> ChatRequest:
     p = _common_params(body, vocab_size, n_ctx, default_max=None)  # chat: to the context's end
+    try:
+        tools = tools_from_request(body)
+    except GrammarError as e:
+        raise _bad(e.param, str(e)) from None
+    if tools is not None and tools.forced:
+        if p.grammar is not None:
+            raise _bad("tool_choice", f"tool_choice {tools.choice!r} constrains the output itself; "
+                                      "it cannot be combined with response_format or a grammar")
+        try:
+            p.grammar = tools.grammar()
+        except GrammarError as e:
+            raise _bad(e.param, str(e)) from None
     if _bool(body, "logprobs", False):
         p.logprobs = _int(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
     elif body.get("top_logprobs") is not None:
@@ -289,8 +310,15 @@ def parse_chat(body: dict, vocab_size: int, n_ctx: int) -> ChatRequest:
                "content": _message_text(m.get("content"), i)}
         if isinstance(m.get("name"), str):
             msg["name"] = m["name"]
+        if role == "assistant" and m.get("tool_calls") is not None:
+            try:
+                msg["tool_calls"] = check_tool_calls(m["tool_calls"], f"messages[{i}].tool_calls")
+            except GrammarError as e:
+                raise _bad(e.param, str(e)) from None
+        if role == "tool" and isinstance(m.get("tool_call_id"), str):
+            msg["tool_call_id"] = m["tool_call_id"]
         out.append(msg)
-    return ChatRequest(out, p)
+    return ChatRequest(out, p, tools)
 
 
 def check_strings(obj: Any) -> None:

