@@ -9,7 +9,7 @@ import pytest
 
 from luthier.engine import QuantConfig, load_model
 from luthier.generate import generate
-from luthier.grammar import FIELDS, GrammarError, GrammarSampler, from_request
+from luthier.grammar import FIELDS, GrammarError, GrammarSampler, closed_objects, from_request
 from luthier.loaders.bundled import smollm2_path
 from luthier.sample import Sampler
 
@@ -44,6 +44,22 @@ def test_request_fields_compile_or_fail_clearly():
             from_request(body)
         assert e.value.param == param and str(e.value), body
     assert set(FIELDS) >= {k for body, _ in bad for k in body}
+
+
+def test_objects_are_closed_unless_the_schema_opens_them():
+    nested = {"type": "object", "properties": {
+        "a": {"type": "object", "properties": {"x": {"type": "integer"}}},
+        "b": {"type": "array", "items": {"type": "object", "properties": {"y": {}}}},
+        "c": {"type": "object", "properties": {}, "additionalProperties": True},
+        "d": {"anyOf": [{"type": "object", "properties": {"z": {}}}, {"type": "null"}]}},
+        "$defs": {"e": {"type": "object", "properties": {"w": {}}}}}
+    out = closed_objects(nested)
+    p = out["properties"]
+    assert out["additionalProperties"] is False and p["a"]["additionalProperties"] is False
+    assert p["b"]["items"]["additionalProperties"] is False and p["c"]["additionalProperties"] is True
+    assert p["d"]["anyOf"][0]["additionalProperties"] is False and out["$defs"]["e"]["additionalProperties"] is False
+    assert "additionalProperties" not in nested  # the caller's schema is not modified
+    assert closed_objects({"type": "object"}) == {"type": "object"}  # json_object: any keys
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +118,8 @@ def test_llama_api_response_format():
                                          "type": "object", "required": ["city", "country"],
                                          "properties": {"city": {"type": "string"}, "country": {"type": "string"}}}})
     assert out["choices"][0]["finish_reason"] == "stop"
-    assert set(json.loads(out["choices"][0]["message"]["content"])) >= {"city", "country"}
+    # listed properties and no others (additionalProperties false unless said otherwise)
+    assert set(json.loads(out["choices"][0]["message"]["content"])) == {"city", "country"}
     text = llm("Q: Is fire cold? A:", grammar='root ::= " yes" | " no"', temperature=0, max_tokens=5)
     assert text["choices"][0]["text"] in (" yes", " no")
     with pytest.raises(ValueError, match="grammar"):

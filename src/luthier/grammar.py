@@ -49,6 +49,29 @@ FIELDS = ("response_format", "json_schema", "grammar", "guided_json", "guided_re
           "guided_choice", "guided_grammar")
 
 
+def closed_objects(schema: Any) -> Any:
+    """`schema` with "additionalProperties": false added to every object schema that lists
+    its properties and says nothing about others, as llama.cpp's schema converter (and
+    so Ollama's `format`) reads them: JSON Schema's default lets a small model pad the
+    answer with keys nobody asked for. A schema that allows them explicitly keeps them."""
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for k, v in schema.items():
+        if k in ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas"):
+            out[k] = {n: closed_objects(s) for n, s in v.items()} if isinstance(v, dict) else v
+        elif k in ("items", "prefixItems", "anyOf", "oneOf", "allOf", "not", "additionalProperties",
+                   "contains", "if", "then", "else"):
+            out[k] = closed_objects(v)
+        else:
+            out[k] = v
+    if isinstance(out.get("properties"), dict) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def _schema(param: str, schema: Any) -> str:
     if isinstance(schema, str):
         try:
@@ -58,7 +81,7 @@ def _schema(param: str, schema: Any) -> str:
     if not isinstance(schema, dict):
         raise GrammarError(param, f"'{param}' must be a JSON schema object")
     try:
-        return _llg().LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+        return _llg().LLMatcher.grammar_from_json_schema(closed_objects(schema), defaults=JSON_OPTIONS)
     except ValueError as e:
         raise GrammarError(param, f"'{param}': {e}") from None
 

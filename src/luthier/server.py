@@ -10,6 +10,8 @@ Endpoints (each also without the /v1 prefix, as llama.cpp's server answers):
     POST /tokenize               {"content": str, "add_special": bool} or {"messages": [...]}
                                  -> {"tokens", "count", "max_model_len"}
     POST /detokenize             {"tokens": [int]} -> {"content": str}
+    /api/generate, /api/chat, /api/tags, /api/show, /api/ps, /api/version
+                                 Ollama's API (server_ollama.py), on the same worker
 
 Decisions where the OpenAI API leaves room:
 
@@ -47,6 +49,9 @@ Decisions where the OpenAI API leaves room:
   streamed answer's calls come whole, one tool_calls delta each, when its choice ends.
   "required" / a named function constrain the output by grammar and exclude
   response_format & co.
+- JSON schemas (response_format, json_schema, guided_json, tools' parameters) are read as
+  llama.cpp reads them: an object schema that lists properties and says nothing of
+  additionalProperties allows no others.
 - Security: loopback by default; --api-key checks `Authorization: Bearer KEY` (constant
   time) on everything but /health; bodies over 1 MiB get 413; NaN/Infinity and lone
   surrogates are invalid JSON; every error is {"error": {"message", "type", "param",

@@ -28,6 +28,7 @@ from .server_protocol import (MAX_BODY_BYTES, APIError, GenParams, chat_logprobs
                               check_strings, completion_logprobs, error_body, parse_chat,
                               parse_completion, usage)
 from .grammar import llg_tokenizer
+from .server_ollama import ollama_routes
 from .server_worker import Delta, GenJob, JobFailed, Worker
 
 BODY_TIMEOUT_S = 60.0  # a client that never finishes sending its body gets 408
@@ -456,6 +457,7 @@ def make_app(lm, model_id: str | None = None, api_key: str | None = None, max_qu
         routes.append(Route(path, _endpoint(fn), methods=methods))
         if path.startswith("/v1/"):  # llama.cpp's server also answers without /v1
             routes.append(Route(path[3:], _endpoint(fn), methods=methods))
+    routes += ollama_routes(srv)  # Ollama's /api/... (server_ollama.py)
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error, Exception: _http_error})
     app.state.server = srv

