@@ -6,6 +6,7 @@ import json
 import httpx
 import ollama
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from luthier.loaders.bundled import smollm2_path
 from server_helpers import AUTH, KEY, post, reference
@@ -88,3 +89,52 @@ def test_errors_are_ollama_shaped(oc, server):
                        ("/api/generate", {"prompt": "x " * 2000})):  # longer than the context
         r = post(server, path, body, headers=AUTH)
         assert r.status_code == 400 and set(r.json()) == {"error"} and r.json()["error"], (path, body, r.text)
+
+
+_json = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=12)),
+    lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=6), c, max_size=3)),
+    max_leaves=6)
+_options = st.fixed_dictionaries({}, optional={
+    "temperature": st.floats(0, 2), "top_k": st.integers(-1, 100), "top_p": st.floats(0.01, 1),
+    "repeat_penalty": st.floats(0.5, 2), "seed": st.integers(-(2**63), 2**64 - 1), "num_ctx": st.integers(-1, 10**6),
+    "stop": st.lists(st.text(max_size=4), max_size=2), "min_p": st.floats(0, 1), "num_thread": st.integers(0, 64)})
+_msg = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool"]),
+                              "content": st.text(max_size=20)},
+                             optional={"tool_calls": st.sampled_from([[{"function": {"name": "f", "arguments": {"x": 1}}}],
+                                                                      [{"function": "f"}], []]),
+                                       "images": st.sampled_from([[], ["AAAA"]]), "tool_name": st.text(max_size=4)})
+
+
+@st.composite
+def _ollama_request(draw):
+    chat = draw(st.booleans())
+    valid = {"model": st.sampled_from(["default", "nope:latest"]), "stream": st.booleans(),
+             "format": st.sampled_from(["", "json", {"type": "object", "properties": {"a": {"type": "integer"}}}]),
+             "keep_alive": st.sampled_from(["5m", 0, -1])}
+    if chat:
+        valid.update(messages=st.lists(_msg, max_size=3), tools=st.sampled_from(
+            [[], [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], "x"]))
+    else:
+        valid.update(prompt=st.text(max_size=30), system=st.text(max_size=10), raw=st.booleans(),
+                     context=st.lists(st.integers(-2, 50000), max_size=4), suffix=st.sampled_from(["", "x"]))
+    body = draw(st.fixed_dictionaries({"options": _options.map(lambda o: dict(o, num_predict=3))}, optional=valid))
+    for _ in range(draw(st.integers(0, 2))):  # break up to two fields
+        body[draw(st.sampled_from(sorted(valid) + ["options"]))] = draw(_json)
+    raw = json.dumps(body).encode()
+    if draw(st.integers(0, 7)) == 3:
+        raw = draw(st.binary(max_size=40))
+    return "/api/chat" if chat else "/api/generate", raw
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(req=_ollama_request())
+def test_fuzzed_ollama_bodies_never_5xx(server, req):
+    path, content = req
+    r = post(server, path, content, headers=AUTH)
+    assert r.status_code < 500, r.text
+    if r.status_code >= 400:
+        assert set(r.json()) == {"error"}
+    else:
+        lines = [json.loads(ln) for ln in r.text.splitlines() if ln.strip()]
+        assert lines and lines[-1]["done"] is True and not any("error" in x for x in lines), r.text
