@@ -218,6 +218,9 @@ class Ollama:
 
     async def _run(self, request: Request, body: dict, ids: list[int], p, spec, chat: bool) -> Response:
         srv = self.srv
+        stream = body.get("stream", True)
+        if not isinstance(stream, bool):
+            raise APIError(400, "'stream' must be a boolean", param="stream")
         srv.worker.check_capacity()
         if p.grammar is not None:
             from starlette.concurrency import run_in_threadpool
@@ -228,9 +231,6 @@ class Ollama:
         budget = srv.context_check(ids, p.max_tokens, False, "prompt")
         t0 = time.perf_counter_ns()
         job = srv.submit([ids], p, [budget], None)
-        stream = body.get("stream", True)
-        if not isinstance(stream, bool):
-            raise APIError(400, "'stream' must be a boolean", param="stream")
 
         def piece(text: str, calls: list | None = None) -> dict:
             out: dict = {"model": srv.model_id, "created_at": _now()}
