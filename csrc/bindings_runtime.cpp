@@ -215,19 +215,23 @@ void bind_runtime(nb::module_& m) {
            nb::arg("slot") = 0)
       .def("forward_batch", [](PyDecoder& self, Arr<const int32_t, nb::ndim<1>> tokens,
                                Arr<const int32_t, nb::ndim<1>> slots, Arr<const int32_t, nb::ndim<1>> positions,
-                               Arr<const int32_t, nb::ndim<1>> out_rows, Arr<float, nb::ndim<2>> logits) {
+                               Arr<const int32_t, nb::ndim<1>> out_rows, Arr<float, nb::ndim<2>> logits,
+                               bool hidden) {
              const int64_t m = tokens.shape(0), r = out_rows.shape(0);
              if (int64_t(slots.shape(0)) != m || int64_t(positions.shape(0)) != m)
                throw std::invalid_argument("tokens, slots and positions must have the same length");
-             if (int64_t(logits.shape(0)) != r || int64_t(logits.shape(1)) != self.dec->cfg.vocab)
-               throw std::invalid_argument("logits must have shape (len(out_rows), vocab)");
+             const int64_t width = hidden ? self.dec->cfg.dim : self.dec->cfg.vocab;
+             if (int64_t(logits.shape(0)) != r || int64_t(logits.shape(1)) != width)
+               throw std::invalid_argument(hidden ? "hidden states must have shape (len(out_rows), dim)"
+                                                  : "logits must have shape (len(out_rows), vocab)");
              const int32_t *t = tokens.data(), *s = slots.data(), *p = positions.data(), *o = out_rows.data();
              float* out = logits.data();
              nb::gil_scoped_release nogil;
-             self.dec->forward_batch(t, s, p, m, o, r, out);
+             self.dec->forward_batch(t, s, p, m, o, r, out, hidden);
            }, nb::arg("tokens").noconvert(), nb::arg("slots").noconvert(), nb::arg("positions").noconvert(),
-           nb::arg("out_rows").noconvert(), nb::arg("logits").noconvert(),
-           "row i: token of sequence slots[i] at positions[i]; logits of out_rows")
+           nb::arg("out_rows").noconvert(), nb::arg("logits").noconvert(), nb::arg("hidden") = false,
+           "row i: token of sequence slots[i] at positions[i]; logits (or, with hidden, the final "
+           "norm's output) of out_rows")
       .def("release", [](PyDecoder& self, int64_t slot) { self.dec->release(slot); }, nb::arg("slot"))
       .def("copy_prefix", [](PyDecoder& self, int64_t src, int64_t dst, int64_t n) {
              self.dec->copy_prefix(src, dst, n);

@@ -277,7 +277,8 @@ void Decoder::forward(const int32_t* tokens, int64_t m, int64_t pos, float* logi
 }
 
 void Decoder::forward_batch(const int32_t* tokens, const int32_t* slots, const int32_t* positions,
-                            int64_t m, const int32_t* out_rows, int64_t n_out, float* logits) {
+                            int64_t m, const int32_t* out_rows, int64_t n_out, float* logits,
+                            bool hidden) {
   const DecoderConfig& c = cfg;
   const auto t_start = Clock::now();
   const double inner0 = prof_ns[1] + prof_ns[2];
@@ -386,8 +387,12 @@ void Decoder::forward_batch(const int32_t* tokens, const int32_t* slots, const i
   xo_.resize(size_t(n_out * d));
   for (int64_t r = 0; r < n_out; ++r)
     std::memcpy(xo_.data() + r * d, x_.data() + int64_t(out_rows[r]) * d, sizeof(float) * d);
-  if (n_out > 0) linear(head, xo_.data(), n_out, logits, out_norm);
-  if (c.final_softcap > 0.f)
+  if (hidden) {  // the final norm's output is the hidden state a head would read
+    if (n_out > 0) rms_norm_rows(xo_.data(), n_out, d, out_norm, c.norm_eps, logits);
+  } else if (n_out > 0) {
+    linear(head, xo_.data(), n_out, logits, out_norm);
+  }
+  if (!hidden && c.final_softcap > 0.f)
     for (int64_t i = 0; i < n_out * c.vocab; ++i)
       logits[i] = c.final_softcap * std::tanh(logits[i] / c.final_softcap);
   const double total = ns_since(t_start);

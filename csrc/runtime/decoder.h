@@ -78,9 +78,11 @@ class Decoder {
                int64_t slot = 0);
   // Row i is token tokens[i] of sequence slots[i] at position positions[i]. Within a call
   // the rows of one slot are consecutive positions, the first at most that slot's length.
-  // Logits of rows out_rows[0..n_out) go to `logits` [n_out, vocab].
+  // Logits of rows out_rows[0..n_out) go to `logits` [n_out, vocab]; with `hidden`, their
+  // final-normed hidden states instead, [n_out, dim] (embeddings: the head is skipped).
   void forward_batch(const int32_t* tokens, const int32_t* slots, const int32_t* positions,
-                     int64_t m, const int32_t* out_rows, int64_t n_out, float* logits);
+                     int64_t m, const int32_t* out_rows, int64_t n_out, float* logits,
+                     bool hidden = false);
   void reset_cache();
   void release(int64_t slot);  // forget a sequence and return its KV pages to the OS
   // dst's cache becomes the first n positions of src's (a shared prompt prefix fed once)

@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import Any, Iterator, Sequence
 
+from . import embed as embed_mod
 from .engine import QuantConfig, load_model, parse_bits
 from .generate import GenerationChunk, PromptCache, generate_stream
 from .grammar import GrammarSampler, from_request
@@ -75,6 +76,30 @@ class Llama:
     def stats(self):
         """Statistics of the last generation (tok/s, GB/s of weights)."""
         return getattr(self, "_last_stats", None)
+
+    # -- embeddings ---------------------------------------------------------------------
+    def embed(self, input: str | list[str], normalize: bool = True, truncate: bool = True,
+              pooling: str = "mean") -> list[float] | list[list[float]]:
+        """llama-cpp-python's embed: one vector per text (embed.py: the final hidden states,
+        mean-pooled, L2-normalized unless normalize=False), a list of them for a list."""
+        texts = [input] if isinstance(input, str) else list(input)
+        out = []
+        for text in texts:
+            ids = embed_mod.fit_context(self.tokenize(text, add_bos=True), self.n_ctx(), truncate)
+            out.append(embed_mod.embed_ids(self._lm, ids, pooling, normalize).tolist())
+        return out[0] if isinstance(input, str) else out
+
+    def create_embedding(self, input: str | list[str], model: str | None = None) -> dict:
+        """OpenAI's embeddings response for one text or a list of them."""
+        texts = [input] if isinstance(input, str) else list(input)
+        data, n = [], 0
+        for i, text in enumerate(texts):
+            ids = embed_mod.fit_context(self.tokenize(text, add_bos=True), self.n_ctx(), truncate=False)
+            n += len(ids)
+            data.append({"object": "embedding", "index": i,
+                         "embedding": embed_mod.embed_ids(self._lm, ids).tolist()})
+        return {"object": "list", "data": data, "model": model or self.model_path,
+                "usage": {"prompt_tokens": n, "total_tokens": n}}
 
     # -- generation ---------------------------------------------------------------------
     def _sampler(self, temperature, top_p, top_k, min_p, repeat_penalty, seed,

@@ -152,12 +152,21 @@ class NativeModel:
         self._dec.forward_batch(t, s, p, r, out)
         return out
 
-    def forward(self, tokens, cache: NativeCache, start_pos: int, last_only: bool = False) -> np.ndarray:
+    def forward(self, tokens, cache: NativeCache, start_pos: int, last_only: bool = False,
+                hidden: bool = False) -> np.ndarray:
+        """As models.Transformer.forward: logits [m or 1, vocab], or with `hidden` the
+        final norm's output [m or 1, dim]."""
         t = np.ascontiguousarray(np.asarray(tokens).reshape(-1), dtype=np.int32)  # [m]
         if t.size == 0:
             raise ValueError("forward needs at least one token")
         if start_pos + t.size > cache.max_seq_len:
             raise ValueError(f"context full: {start_pos + t.size} tokens > {cache.max_seq_len}")
+        if hidden:
+            rows = np.arange(t.size - 1 if last_only else 0, t.size, dtype=np.int32)  # [1 or m]
+            out = np.empty((rows.size, self.args.dim), np.float32)
+            self._dec.forward_batch(t, np.full(t.size, cache.slot, np.int32),
+                                    np.arange(start_pos, start_pos + t.size, dtype=np.int32), rows, out, True)
+            return out
         out = np.empty((1 if last_only else t.size, self.vocab_size), np.float32)
         self._dec.forward(t, int(start_pos), out, not last_only, cache.slot)
         return out

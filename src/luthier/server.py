@@ -7,10 +7,12 @@ Endpoints (each also without the /v1 prefix, as llama.cpp's server answers):
     GET  /v1/models              the served model; its id is the file name without .gguf
     POST /v1/completions         prompt: string | [string] | [token id] | [[token id]]
     POST /v1/chat/completions    messages through the model's (sandboxed) chat template
+    POST /v1/embeddings          input: string | [string] | [token id] | [[token id]]; embed.py's
+                                 vectors (final hidden states mean-pooled, L2-normalized), float or base64
     POST /tokenize               {"content": str, "add_special": bool} or {"messages": [...]}
                                  -> {"tokens", "count", "max_model_len"}
     POST /detokenize             {"tokens": [int]} -> {"content": str}
-    /api/generate, /api/chat, /api/tags, /api/show, /api/ps, /api/version
+    /api/generate, /api/chat, /api/embed, /api/tags, /api/show, /api/ps, /api/version
                                  Ollama's API (server_ollama.py), on the same worker
 
 Decisions where the OpenAI API leaves room:

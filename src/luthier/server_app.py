@@ -33,6 +33,7 @@ from .server_worker import Delta, GenJob, JobFailed, Worker
 
 BODY_TIMEOUT_S = 60.0  # a client that never finishes sending its body gets 408
 POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+MAX_EMBED_INPUTS = 256  # inputs per /v1/embeddings or /api/embed request
 
 
 def dumps(obj: Any) -> str:
@@ -379,6 +380,60 @@ class Server:
             yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_id,
                    "system_fingerprint": self.fingerprint, "choices": [], "usage": usage(n_prompt, ctoks, cached)}
 
+    async def embed_texts(self, inputs: list, truncate: bool, param: str) -> tuple[list, int]:
+        """Each input (text or token ids) through embed.embed_ids on the model thread, one
+        job per input so that running streams go on between them; (vectors, tokens)."""
+        from . import embed
+
+        def ids_of(x) -> list[int]:
+            ids = self.tok.encode(x) if isinstance(x, str) else list(x)
+            return embed.fit_context(ids, self.n_ctx, truncate)
+
+        vectors, n = [], 0
+        for x in inputs:
+            try:
+                ids = await run_in_threadpool(ids_of, x)
+                if not ids:
+                    raise ValueError("an input is empty (no tokens)")
+            except ValueError as e:
+                raise APIError(400, str(e), param=param) from None
+            n += len(ids)
+            self.worker.check_capacity()
+            vectors.append(await run_in_threadpool(self.worker.call, lambda lm, ids=ids: embed.embed_ids(lm, ids)))
+        return vectors, n
+
+    async def embeddings(self, request: Request) -> Response:
+        """OpenAI's /v1/embeddings: input a string, strings, token ids or lists of them;
+        encoding_format float or base64 (the openai client's default)."""
+        from .embed import as_base64
+
+        self.check_auth(request)
+        body = await self.read_json(request)
+        check_model(body, self.model_id)
+        inputs = body.get("input")
+        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and
+                                       all(isinstance(t, int) and not isinstance(t, bool) for t in inputs)):
+            inputs = [inputs]
+        ok = isinstance(inputs, list) and 0 < len(inputs) <= MAX_EMBED_INPUTS and all(
+            isinstance(x, str) or (isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                               and 0 <= t < self.tok.vocab_size for t in x))
+            for x in inputs)
+        if not ok:
+            raise APIError(400, f"'input' must be a string, token ids, or an array of 1 to {MAX_EMBED_INPUTS} "
+                                "of either (ids within the vocabulary)", param="input", code="invalid_type")
+        fmt = body.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            raise APIError(400, "'encoding_format' must be float or base64", param="encoding_format")
+        dims = body.get("dimensions")
+        if dims is not None and dims != self.lm.args.dim:
+            raise APIError(400, f"this model's embeddings have {self.lm.args.dim} dimensions; "
+                                "'dimensions' cannot change that", param="dimensions")
+        vectors, n = await self.embed_texts(inputs, False, "input")
+        data = [{"object": "embedding", "index": i,
+                 "embedding": as_base64(v) if fmt == "base64" else v.tolist()} for i, v in enumerate(vectors)]
+        return json_response({"object": "list", "data": data, "model": self.model_id,
+                              "usage": {"prompt_tokens": n, "total_tokens": n}})
+
     def sse(self, chunks: AsyncIterator[dict]) -> StreamingResponse:
         async def body() -> AsyncIterator[str]:
             # If the client disconnects, Starlette cancels this generator; `events`'s
@@ -451,6 +506,7 @@ def make_app(lm, model_id: str | None = None, api_key: str | None = None, max_qu
         ("/v1/models/{model_id:path}", srv.models, ["GET"]),
         ("/v1/completions", srv.completions, ["POST"]),
         ("/v1/chat/completions", srv.chat, ["POST"]),
+        ("/v1/embeddings", srv.embeddings, ["POST"]),
         ("/tokenize", srv.tokenize_endpoint, ["POST"]),
         ("/detokenize", srv.detokenize_endpoint, ["POST"]),
     ):

@@ -5,6 +5,7 @@ plugins, LangChain's ChatOllama and the `ollama` Python client speak.
     POST /api/show                              its details and chat template
     POST /api/generate                          prompt (+ system) through the chat template, or raw
     POST /api/chat                              messages, tools, format
+    POST /api/embed, /api/embeddings (legacy)   embed.py's vectors (mean-pooled, normalized)
 
 Requests are translated into the OpenAI parameters (server_protocol) and run by the same
 worker, so batching, prompt caching, structured output and tool calls behave alike.
@@ -299,6 +300,33 @@ class Ollama:
         return _json(last)
 
 
+async def _embed(o: "Ollama", request: Request, legacy: bool) -> Response:
+    """/api/embed {input: str | [str], truncate} -> {embeddings}; the legacy /api/embeddings
+    {prompt} -> {embedding}."""
+    from .server_app import MAX_EMBED_INPUTS
+
+    srv = o.srv
+    srv.check_auth(request)
+    body = await srv.read_json(request)
+    o._check_model(body)
+    t0 = time.perf_counter_ns()
+    inputs = body.get("prompt") if legacy else body.get("input")
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not (isinstance(inputs, list) and 0 < len(inputs) <= MAX_EMBED_INPUTS
+            and all(isinstance(x, str) for x in inputs)):
+        name = "prompt" if legacy else "input"
+        raise APIError(400, f"'{name}' must be a string or an array of 1 to {MAX_EMBED_INPUTS} strings", param=name)
+    truncate = body.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise APIError(400, "'truncate' must be a boolean", param="truncate")
+    vectors, n = await srv.embed_texts(inputs, truncate, "input")
+    if legacy:
+        return _json({"embedding": vectors[0].tolist()})
+    return _json({"model": srv.model_id, "embeddings": [v.tolist() for v in vectors],
+                  "total_duration": time.perf_counter_ns() - t0, "load_duration": 0, "prompt_eval_count": n})
+
+
 def _endpoint(fn):
     async def handler(request: Request) -> Response:
         try:
@@ -317,4 +345,6 @@ def ollama_routes(srv) -> list[Route]:
             Route("/api/ps", _endpoint(o.ps), methods=["GET"]),
             Route("/api/show", _endpoint(o.show), methods=["POST"]),
             Route("/api/generate", _endpoint(o.generate), methods=["POST"]),
-            Route("/api/chat", _endpoint(o.chat), methods=["POST"])]
+            Route("/api/chat", _endpoint(o.chat), methods=["POST"]),
+            Route("/api/embed", _endpoint(lambda r: _embed(o, r, False)), methods=["POST"]),
+            Route("/api/embeddings", _endpoint(lambda r: _embed(o, r, True)), methods=["POST"])]

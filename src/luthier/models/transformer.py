@@ -164,10 +164,12 @@ class Transformer:
     def new_cache(self, max_seq_len: int | None = None, dtype: np.dtype | type = np.float32) -> KVCache:
         return KVCache.for_model(self.args, max_seq_len, dtype)
 
-    def forward(self, tokens: np.ndarray, cache: KVCache, start_pos: int, last_only: bool = False) -> np.ndarray:
+    def forward(self, tokens: np.ndarray, cache: KVCache, start_pos: int, last_only: bool = False,
+                hidden: bool = False) -> np.ndarray:
         """Run m tokens at positions [start_pos, start_pos + m); returns logits [m, vocab]
-        (or [1, vocab] for the last token when last_only). Writes their K/V into the cache
-        and sets cache.length = start_pos + m."""
+        (or [1, vocab] for the last token when last_only), or with `hidden` the final norm's
+        output [m or 1, dim] (embeddings). Writes their K/V into the cache and sets
+        cache.length = start_pos + m."""
         args = self.args
         tokens = np.asarray(tokens).reshape(-1)  # [m]
         m = tokens.shape[0]
@@ -194,6 +196,8 @@ class Transformer:
         if last_only:
             x = x[-1:]  # [1, dim]
         x = rms_norm(x, self.output_norm, args.norm_eps)
+        if hidden:
+            return np.asarray(x, dtype=np.float32)  # [m, dim]
         logits = self.output(x)  # [m, vocab]
         if args.final_logit_softcap:
             logits = softcap(logits, args.final_logit_softcap)
