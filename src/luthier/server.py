@@ -228,6 +228,7 @@ def cmd_serve(a) -> int:
     def ready(url: str) -> None:
         print(f"luthier: serving {os.path.basename(lm.path)} (bits {lm.quant.bits}, ctx {lm.extra.get('ctx')}, "
               f"{a.parallel} parallel, {lm.n_threads} threads) at {url}/v1", file=sys.stderr, flush=True)
+        print(f"luthier: also Ollama's API under {url}/api and a chat page at {url}/", file=sys.stderr, flush=True)
 
     try:
         serve(lm, a.host, a.port, log_level=a.log_level, on_ready=ready, model_id=a.model_id,
