@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 from .quant import QTensor, quantize_rtn, quantize_ternary  # noqa: E402
 
-__all__ = ["Llama", "QTensor", "quantize_rtn", "quantize_ternary", "QLinear", "pack", "__version__"]
+__all__ = ["Llama", "PromptLookupDecoding", "QTensor", "quantize_rtn", "quantize_ternary", "QLinear", "pack", "__version__"]
 
 
 def __getattr__(name: str):
@@ -18,6 +18,10 @@ def __getattr__(name: str):
         from .api import Llama
 
         return Llama
+    if name in ("PromptLookupDecoding", "LlamaPromptLookupDecoding"):  # the latter: llama-cpp-python's name
+        from .lookup import PromptLookupDecoding
+
+        return PromptLookupDecoding
     if name in ("QLinear", "pack", "unpack", "lut_linear", "build_tables", "lut_gemm"):
         from . import kernels
 

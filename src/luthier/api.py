@@ -17,6 +17,7 @@ from . import embed as embed_mod
 from .engine import QuantConfig, load_model, parse_bits
 from .generate import GenerationChunk, PromptCache, generate_stream
 from .grammar import GrammarSampler, from_request
+from .lookup import PromptLookupDecoding
 from .sample import Sampler
 from .tools import ToolStream, check_tool_calls
 from .tools import encode as encode_tools
@@ -38,12 +39,14 @@ class Llama:
     The KV of the last generation is kept (as llama-cpp-python does): a prompt that starts
     like the previous prompt + completion (the next turn of a chat) feeds only the new
     tokens; usage.prompt_tokens_details.cached_tokens says how many were reused.
-    `reset()` drops it."""
+    `reset()` drops it. draft_model=PromptLookupDecoding(num_pred_tokens=10): speculative
+    decoding with drafts from the text (llama-cpp-python's LlamaPromptLookupDecoding)."""
 
     def __init__(self, model_path: str | None = None, *, bits: int | str = "auto", group_size: int = 128,
                  head_bits: int | str = 8, embd_bits: int | None = None, mode: str = "fast",
                  n_ctx: int | None = None,
-                 n_threads: int | None = None, seed: int | None = None, verbose: bool = False):
+                 n_threads: int | None = None, seed: int | None = None, verbose: bool = False,
+                 draft_model: PromptLookupDecoding | None = None):
         cfg = QuantConfig(bits=parse_bits(bits), group_size=group_size, head_bits=parse_bits(head_bits),
                           embd_bits=embd_bits, mode=mode)
         self._lm = load_model(model_path, cfg, n_threads, n_ctx)
@@ -51,6 +54,7 @@ class Llama:
         self.seed = seed
         self.verbose = verbose
         self._prompt_cache = PromptCache()
+        self.draft_model = draft_model  # speculative drafts from the text (lookup.py), as llama-cpp-python's
 
     def reset(self) -> None:
         """Forget the kept KV cache: the next prompt is fed from its first token."""
@@ -115,7 +119,7 @@ class Llama:
             stop = [stop]
         max_tokens = self.n_ctx() - len(ids) if max_tokens is None or max_tokens <= 0 else max_tokens
         for ch in generate_stream(self._lm, ids, max_tokens, sampler, stop=stop or [],
-                                  prompt_cache=self._prompt_cache):
+                                  prompt_cache=self._prompt_cache, lookup=self.draft_model):
             if ch.stats is not None:
                 self._last_stats = ch.stats
             yield ch

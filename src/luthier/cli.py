@@ -62,6 +62,9 @@ def _sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--lookup", type=int, default=0, metavar="N",
+                   help="prompt lookup decoding: draft up to N tokens from earlier text and check them in "
+                        "one batched forward (same output; faster where the output repeats the input)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--grammar", default=None, help="the output must match this GBNF grammar (as llama.cpp's)")
     g.add_argument("--grammar-file", default=None, help="--grammar read from a file")
@@ -106,9 +109,19 @@ def _sampler(a, lm):
 
 def _print_stats(st, file=sys.stderr) -> None:
     cached = f" ({st.cached_tokens} cached)" if st.cached_tokens else ""
+    # with lookup drafts a forward yields several tokens: weights per token no longer apply
+    tail = (f"{st.accepted_tokens}/{st.draft_tokens} drafted tokens accepted" if st.draft_tokens
+            else f"{st.decode_gbps:.2f} GB/s of weights")
     print(f"\n[prompt {st.prompt_tokens} tok{cached}, {st.prefill_tps:.1f} tok/s | "
-          f"generated {st.completion_tokens} tok, {st.decode_tps:.1f} tok/s, "
-          f"{st.decode_gbps:.2f} GB/s of weights]", file=file)
+          f"generated {st.completion_tokens} tok, {st.decode_tps:.1f} tok/s, {tail}]", file=file)
+
+
+def _lookup(a):
+    if not getattr(a, "lookup", 0):
+        return None
+    from .lookup import PromptLookupDecoding
+
+    return PromptLookupDecoding(num_pred_tokens=a.lookup)
 
 
 def cmd_run(a) -> int:
@@ -130,7 +143,7 @@ def cmd_run(a) -> int:
         ids = tok.encode(prompt)
     sampler = _sampler(a, lm)  # a bad --grammar fails before anything is printed
     sys.stdout.write("" if a.chat else prompt)
-    for ch in generate_stream(lm, ids, a.max_tokens, sampler, stop=a.stop, ctx=a.ctx):
+    for ch in generate_stream(lm, ids, a.max_tokens, sampler, stop=a.stop, ctx=a.ctx, lookup=_lookup(a)):
         sys.stdout.write(ch.text)
         sys.stdout.flush()
         if ch.finish_reason:
@@ -161,7 +174,7 @@ def cmd_chat(a) -> int:
         ids = tok.encode_chat(messages)
         parts = []
         for ch in generate_stream(lm, ids, a.max_tokens, _sampler(a, lm), stop=a.stop, ctx=a.ctx,
-                                  prompt_cache=kept):
+                                  prompt_cache=kept, lookup=_lookup(a)):
             sys.stdout.write(ch.text)
             sys.stdout.flush()
             parts.append(ch.text)

@@ -17,6 +17,8 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     weight_bytes_per_token: int = 0
+    draft_tokens: int = 0  # prompt lookup decoding: tokens proposed, and of them accepted
+    accepted_tokens: int = 0
 
     @property
     def prefill_tps(self) -> float:
@@ -201,10 +203,12 @@ def generate_stream(
     prefill_chunk: int = 256,
     ignore_eos: bool = False,
     prompt_cache: PromptCache | None = None,
+    lookup=None,
 ) -> Iterator[GenerationChunk]:
     """Yield GenerationChunks for a prompt; the last one carries finish_reason and stats.
     With a PromptCache, the prompt's prefix that the cache holds is not fed again, and the
-    cache keeps this sequence's KV for the next call."""
+    cache keeps this sequence's KV for the next call. lookup: a lookup.PromptLookupDecoding
+    (speculative decoding with drafts from the text; the same output, fewer forwards)."""
     st = TokenStream(lm, prompt_ids, max_tokens, sampler, stop, stop_ids, ctx, ignore_eos)
     model, ids = lm.model, st.ids
     need = min(st.n_ctx, len(ids) + st.max_tokens + 1)
@@ -237,12 +241,32 @@ def generate_stream(
         yield st.finish("length")
         return
     pos = len(ids)
-    while True:
-        yield from st.step(logits[-1])
-        if st.done:
-            return
-        logits = feed([st.last_token], pos, False)
-        pos += 1
+    policy = None
+    if lookup is not None:
+        from .lookup import DraftPolicy
+
+        policy = DraftPolicy(lookup)
+    yield from st.step(logits[-1])
+    while not st.done:
+        # st.last_token is sampled, not fed yet: it goes to position pos, drafts after it
+        # (d drafts yield up to d + 1 tokens: they may outrun neither the budget nor the cache)
+        room = min(st.max_tokens - st.stats.completion_tokens - 1, cache.max_seq_len - pos - 1)
+        drafts = policy.draft(st.history, room) if policy is not None else []
+        rows = feed([st.last_token] + drafts, pos, False)  # [1 + d, vocab]: row i follows token i
+        kept = 0
+        for i, d in enumerate(drafts):  # sample row i as usual; go on while it picks draft i
+            yield from st.step(rows[i])
+            if st.done or st.last_token != d:
+                break
+            kept += 1
+        if drafts:
+            policy.update(len(drafts), kept)
+            st.stats.draft_tokens, st.stats.accepted_tokens = policy.drafted, policy.accepted
+        pos += 1 + kept
+        if kept < len(drafts) or st.done:
+            del pc.ids[pos:]  # the rejected drafts' KV is stale: not part of the cached sequence
+            continue  # a rejected row's sample is the next token to feed
+        yield from st.step(rows[-1])  # every draft kept: the last row gives one more token
 
 
 @dataclass
