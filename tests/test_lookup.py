@@ -5,7 +5,6 @@ while running fewer forwards."""
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from luthier.engine import QuantConfig, load_model
