@@ -118,3 +118,37 @@ def test_cli_and_api_take_lookup():
     out = llm.create_chat_completion([{"role": "user", "content": "Repeat this text exactly:\n\n" + TEXT}],
                                      temperature=0, max_tokens=32)
     assert llm.stats.accepted_tokens > 0 and "lighthouse" in out["choices"][0]["message"]["content"]
+
+
+@needs_model
+def test_server_lookup_changes_no_output(server):
+    """--lookup in the batch scheduler: greedy requests, alone and concurrent, give exactly
+    what the server without lookup gives, and drafts were checked and accepted."""
+    import concurrent.futures as cf
+
+    from server_helpers import CTX, KEY, PARALLEL, make_client
+
+    from luthier.server import BackgroundServer
+
+    prompts = ["Repeat this text exactly:\n\n" + TEXT, "Copy the first sentence of: " + TEXT, "Say hi."]
+
+    def answers(srv) -> list[str]:
+        c = make_client(srv)
+
+        def ask(p):
+            return c.chat.completions.create(model="default", messages=[{"role": "user", "content": p}],
+                                             temperature=0, max_tokens=48).choices[0].message.content
+
+        alone = [ask(p) for p in prompts]  # one at a time: drafts run (a lone decoding sequence)
+        with cf.ThreadPoolExecutor(3) as ex:  # together: no drafts, and the same answers
+            assert list(ex.map(ask, prompts)) == alone
+        return alone
+
+    plain = answers(server)
+    # its own model: two servers' schedulers must not share one model's KV slots
+    lm = load_model(None, QuantConfig(bits=4, group_size=128), n_threads=1, ctx=CTX, n_seq=PARALLEL + 1)
+    with BackgroundServer(lm, api_key=KEY, max_queue=8, batch_tokens=64,
+                          lookup=PromptLookupDecoding(num_pred_tokens=8)) as looked:
+        assert answers(looked) == plain
+        sched = looked.worker.sched
+        assert sched.n_draft_tokens >= sched.n_accepted_tokens > 10

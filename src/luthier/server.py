@@ -65,7 +65,8 @@ Retry-After); the HTTP loop never waits on it. Up to --parallel requests decode 
 between steps, prompts are fed in chunks of --batch-tokens); the others wait in the
 queue. KV memory is bounded by --parallel x --ctx tokens; a finished request's KV stays in
 its idle slot for prompt caching while idle slots hold at most --cache-tokens tokens, the
-rest (and a disconnected request's) goes back to the OS.
+rest (and a disconnected request's) goes back to the OS. --lookup N adds prompt lookup
+drafts (lookup.py) as extra rows while a single sequence decodes (up to 7 drafts).
 """
 
 from __future__ import annotations
@@ -194,6 +195,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="prompt caching: tokens of KV that finished requests leave in idle slots, "
                         "so that a prompt starting the same way (the next turn of a chat) feeds "
                         "only the rest (default: --ctx; 0: off)")
+    s.add_argument("--lookup", type=int, default=0, metavar="N",
+                   help="prompt lookup decoding: draft up to N tokens of each sequence from its own text, "
+                        "checked in the forward while it is the only one decoding (same outputs; faster where "
+                        "answers repeat their input; default 0: off)")
     s.add_argument("--model-id", default=None, help="the model's id in the API (default: the file name)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _common(s)
@@ -202,7 +207,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_serve(a) -> int:
-    from .cli import _load
+    from .cli import _load, _lookup
 
     try:
         import starlette  # noqa: F401
@@ -218,6 +223,8 @@ def cmd_serve(a) -> int:
         raise ValueError(f"--batch-tokens must be >= 1, got {a.batch_tokens}")
     if a.cache_tokens is not None and a.cache_tokens < 0:
         raise ValueError(f"--cache-tokens must be >= 0, got {a.cache_tokens}")
+    if a.lookup < 0:
+        raise ValueError(f"--lookup must be >= 0, got {a.lookup}")
     if not 0 <= a.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {a.port}")
     if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
@@ -233,7 +240,7 @@ def cmd_serve(a) -> int:
     try:
         serve(lm, a.host, a.port, log_level=a.log_level, on_ready=ready, model_id=a.model_id,
               api_key=a.api_key, max_queue=a.max_queue, batch_tokens=a.batch_tokens,
-              cache_tokens=a.cache_tokens)
+              cache_tokens=a.cache_tokens, lookup=_lookup(a))
     except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises the signal
         pass
     print("luthier: server stopped", file=sys.stderr)

@@ -61,13 +61,14 @@ class Server:
     """State shared by the endpoints: the model's worker, its id, the limits."""
 
     def __init__(self, lm, model_id: str | None, api_key: str | None, max_queue: int,
-                 max_body_bytes: int, batch_tokens: int | None = None, cache_tokens: int | None = None):
+                 max_body_bytes: int, batch_tokens: int | None = None, cache_tokens: int | None = None,
+                 lookup=None):
         self.lm, self.tok = lm, lm.tokenizer
         self.model_id = model_id or served_model_id(lm)
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.n_ctx = int(lm.extra.get("ctx") or lm.args.max_seq_len)
-        self.worker = Worker(lm, max_queue, batch_tokens, cache_tokens)
+        self.worker = Worker(lm, max_queue, batch_tokens, cache_tokens, lookup)
         self.created = int(time.time())
         self.fingerprint = f"luthier-{__version__}-b{lm.quant.bits}g{lm.quant.group_size}"
 
@@ -482,12 +483,12 @@ def chat_page_endpoint():
 
 def make_app(lm, model_id: str | None = None, api_key: str | None = None, max_queue: int = 64,
              max_body_bytes: int = MAX_BODY_BYTES, batch_tokens: int | None = None,
-             cache_tokens: int | None = None) -> Starlette:
+             cache_tokens: int | None = None, lookup=None) -> Starlette:
     """The ASGI app serving `lm`. Its model thread starts and stops with the app's
     lifespan; `app.state.server` holds the Server (and `.worker`)."""
     if max_queue < 1:
         raise ValueError(f"max_queue must be >= 1, got {max_queue}")
-    srv = Server(lm, model_id, api_key, max_queue, max_body_bytes, batch_tokens, cache_tokens)
+    srv = Server(lm, model_id, api_key, max_queue, max_body_bytes, batch_tokens, cache_tokens, lookup)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

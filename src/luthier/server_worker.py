@@ -245,7 +245,7 @@ class Worker:
     at once (waiting plus running); past it `submit` raises a 503 APIError."""
 
     def __init__(self, lm, max_queue: int = 64, batch_tokens: int | None = None,
-                 cache_tokens: int | None = None):
+                 cache_tokens: int | None = None, lookup=None):
         from .server_batch import DEFAULT_BATCH_TOKENS, BatchScheduler
 
         self.lm, self.max_queue = lm, max_queue
@@ -259,7 +259,7 @@ class Worker:
         # batching needs a model with KV slots beyond slot 0 (NativeModel, n_seq > 1)
         self.sched = None
         if getattr(lm.model, "n_seq", 1) > 1 and hasattr(lm.model, "forward_batch"):
-            self.sched = BatchScheduler(lm, batch_tokens or DEFAULT_BATCH_TOKENS, cache_tokens)
+            self.sched = BatchScheduler(lm, batch_tokens or DEFAULT_BATCH_TOKENS, cache_tokens, lookup)
 
     @property
     def n_done(self) -> int:
