@@ -140,6 +140,27 @@ class TokenStream:
         return out
 
 
+    def step_rows(self, rows: np.ndarray, drafts: list[int], policy=None) -> tuple[list[GenerationChunk], int]:
+        """Sample the rows of one forward of [last token, drafts] ([1 + d, vocab]; row i
+        follows token i) in order, as `step` would one by one: a draft stands while the
+        sample equals it; if all stand, the last row gives one more token. Returns the
+        chunks and how many drafts stood (prompt lookup decoding, lookup.py); the KV of
+        the rest is stale. policy: the lookup.DraftPolicy to tell."""
+        out: list[GenerationChunk] = []
+        kept = 0
+        for i, d in enumerate(drafts):
+            out += self.step(rows[i])
+            if self.done or self.last_token != d:
+                break
+            kept += 1
+        if drafts and policy is not None:
+            policy.update(len(drafts), kept)
+            self.stats.draft_tokens, self.stats.accepted_tokens = policy.drafted, policy.accepted
+        if kept == len(drafts) and not self.done:
+            out += self.step(rows[len(drafts)])
+        return out, kept
+
+
 def common_prefix(a: list[int], b: list[int], limit: int) -> int:
     """Length of the longest common prefix of a and b, at most `limit` (binary search on
     slice equality: C-speed compares instead of a Python loop per token)."""
@@ -253,20 +274,11 @@ def generate_stream(
         room = min(st.max_tokens - st.stats.completion_tokens - 1, cache.max_seq_len - pos - 1)
         drafts = policy.draft(st.history, room) if policy is not None else []
         rows = feed([st.last_token] + drafts, pos, False)  # [1 + d, vocab]: row i follows token i
-        kept = 0
-        for i, d in enumerate(drafts):  # sample row i as usual; go on while it picks draft i
-            yield from st.step(rows[i])
-            if st.done or st.last_token != d:
-                break
-            kept += 1
-        if drafts:
-            policy.update(len(drafts), kept)
-            st.stats.draft_tokens, st.stats.accepted_tokens = policy.drafted, policy.accepted
+        chunks, kept = st.step_rows(rows, drafts, policy)
+        yield from chunks
         pos += 1 + kept
-        if kept < len(drafts) or st.done:
+        if kept < len(drafts):
             del pc.ids[pos:]  # the rejected drafts' KV is stale: not part of the cached sequence
-            continue  # a rejected row's sample is the next token to feed
-        yield from st.step(rows[-1])  # every draft kept: the last row gives one more token
 
 
 @dataclass

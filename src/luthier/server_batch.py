@@ -208,25 +208,12 @@ class BatchScheduler:
                 self._finish(s)
 
     def _sample(self, s: _Seq, rows: np.ndarray) -> None:
-        """Sample a sequence's rows [1 + drafts, vocab] in order: row i after the token fed
-        at it; a draft stands while the sample equals it (lookup.py). A rejected draft's
-        KV (and what followed it) is stale: the slot's cached length goes back."""
-        drafts, st = s.drafts, s.stream
-        kept = 0
-        for i, d in enumerate(drafts):
-            for ch in st.step(rows[i]):
-                self._emit(s, ch)
-            if st.done or st.last_token != d:
-                break
-            kept += 1
-        if drafts:
-            s.policy.update(len(drafts), kept)
-            st.stats.draft_tokens, st.stats.accepted_tokens = s.policy.drafted, s.policy.accepted
-        if kept < len(drafts) or st.done:
-            s.fed -= len(drafts) - kept
-            return
-        for ch in st.step(rows[-1]):
+        """Sample a sequence's rows [1 + drafts, vocab] (TokenStream.step_rows); a rejected
+        draft's KV, and what followed it, is stale: the slot's cached length goes back."""
+        chunks, kept = s.stream.step_rows(rows, s.drafts, s.policy)
+        for ch in chunks:
             self._emit(s, ch)
+        s.fed -= len(s.drafts) - kept
 
     def _admit(self) -> None:
         from .server_worker import Delta, score_prompt
