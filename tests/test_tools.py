@@ -138,6 +138,8 @@ def test_prompts_for_generic_and_tool_aware_templates(tmp_path):
     assert "<tool_response>" in gemma.apply_chat_template(prepare(gemma, history, spec())[0])
     assert "<tools>" not in tok.apply_chat_template(prepare(tok, ASK, spec("none"))[0])
     assert prepare(tok, ASK, None) == (ASK, {})
+    with pytest.raises(ValueError):
+        prepare(tok, ["hi"], spec())
 
     hermes = copy.copy(tok)
     hermes.chat_template = HERMES

@@ -192,8 +192,10 @@ def template_reads_tools(tok) -> bool:
 def prepare(tok, messages: list[dict], spec: ToolSpec | None) -> tuple[list[dict], dict]:
     """Messages and extra template variables for rendering a conversation with tools.
     Without tools and tool turns, the messages are returned as they are."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ValueError("messages must be a list of objects")
     offered = spec is not None and spec.choice != "none"
-    has_turns = any(isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool") for m in messages)
+    has_turns = any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
     if not offered and not has_turns:
         return messages, {}
     if template_reads_tools(tok):
