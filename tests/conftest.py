@@ -20,6 +20,15 @@ def one_blas_thread() -> Any:
 
 
 @pytest.fixture(scope="module")
+def float_model() -> Any:
+    """The default model with float linears on the numpy Transformer (the native decoder's
+    oracle), ctx 256; one per test module that asks for it."""
+    from luthier.engine import QuantConfig, load_model
+
+    return load_model(None, QuantConfig(bits=16, head_bits=16), n_threads=2, ctx=256, native=False)
+
+
+@pytest.fixture(scope="module")
 def server() -> Any:
     """A BackgroundServer of the default model on a loopback port (tests/server_helpers.py);
     one per test module that asks for it (test_chat_page.py has its own)."""

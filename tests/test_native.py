@@ -20,11 +20,6 @@ LUT_VS_QUANT_ERROR = 0.5
 PROMPT = np.array([1, 504, 3458, 282, 253, 1345, 28, 314, 2410, 30], np.int64)
 
 
-@pytest.fixture(scope="module")
-def float_model():
-    return load_model(None, QuantConfig(bits=16, head_bits=16), n_threads=2, ctx=64, native=False)
-
-
 def test_float_weights_match_numpy(float_model):
     ref = float_model.model
     nat = NativeModel(ref, ctx=64, n_threads=2)

@@ -86,33 +86,32 @@ class Llama:
               pooling: str = "mean") -> list[float] | list[list[float]]:
         """llama-cpp-python's embed: one vector per text (embed.py: the final hidden states,
         mean-pooled, L2-normalized unless normalize=False), a list of them for a list."""
-        texts = [input] if isinstance(input, str) else list(input)
-        out = []
-        for text in texts:
-            ids = embed_mod.fit_context(self.tokenize(text, add_bos=True), self.n_ctx(), truncate)
-            out.append(embed_mod.embed_ids(self._lm, ids, pooling, normalize).tolist())
+        out = [v.tolist() for v, _ in self._embed_texts(input, truncate, pooling, normalize)]
         return out[0] if isinstance(input, str) else out
 
     def create_embedding(self, input: str | list[str], model: str | None = None) -> dict:
         """OpenAI's embeddings response for one text or a list of them."""
-        texts = [input] if isinstance(input, str) else list(input)
-        data, n = [], 0
-        for i, text in enumerate(texts):
-            ids = embed_mod.fit_context(self.tokenize(text, add_bos=True), self.n_ctx(), truncate=False)
-            n += len(ids)
-            data.append({"object": "embedding", "index": i,
-                         "embedding": embed_mod.embed_ids(self._lm, ids).tolist()})
+        done = self._embed_texts(input, truncate=False)
+        data = [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, (v, _) in enumerate(done)]
+        n = sum(k for _, k in done)
         return {"object": "list", "data": data, "model": model or self.model_path,
                 "usage": {"prompt_tokens": n, "total_tokens": n}}
 
+    def _embed_texts(self, input: str | list[str], truncate: bool, pooling: str = "mean",
+                     normalize: bool = True) -> list[tuple]:
+        """(vector, tokens) of each text (embed.py)."""
+        out = []
+        for text in [input] if isinstance(input, str) else list(input):
+            ids = embed_mod.fit_context(self.tokenize(text, add_bos=True), self.n_ctx(), truncate)
+            out.append((embed_mod.embed_ids(self._lm, ids, pooling, normalize), len(ids)))
+        return out
+
     # -- generation ---------------------------------------------------------------------
-    def _sampler(self, temperature, top_p, top_k, min_p, repeat_penalty, seed,
-                 response_format: dict | None = None, grammar: str | None = None):
+    def _sampler(self, temperature, top_p, top_k, min_p, repeat_penalty, seed, constraint: str | None = None):
+        """The sampler, behind a grammar mask when `constraint` (an llguidance grammar) is given."""
         s = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                     repetition_penalty=repeat_penalty, seed=self.seed if seed is None else seed)
-        # structured output (grammar.py): raises ValueError on a constraint it cannot compile
-        spec = from_request({"response_format": response_format, "grammar": grammar})
-        return s if spec is None else GrammarSampler(s, self._lm, spec)
+        return s if constraint is None else GrammarSampler(s, self._lm, constraint)
 
     def _stream(self, ids, max_tokens, stop, sampler) -> Iterator[GenerationChunk]:
         if isinstance(stop, str):
@@ -133,7 +132,8 @@ class Llama:
         if suffix is not None:
             raise ValueError("suffix is not supported")
         ids = self.tokenize(prompt, add_bos=True, special=True)
-        sampler = self._sampler(temperature, top_p, top_k, min_p, repeat_penalty, seed, grammar=grammar)
+        sampler = self._sampler(temperature, top_p, top_k, min_p, repeat_penalty, seed,
+                                from_request({"grammar": grammar}))
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         model = self.model_path
 
@@ -176,15 +176,11 @@ class Llama:
         messages = [dict(m, tool_calls=check_tool_calls(m["tool_calls"], "tool_calls"))
                     if isinstance(m, dict) and m.get("tool_calls") else m for m in messages]
         ids = encode_tools(self._lm.tokenizer, messages, spec)
-        if spec is not None and spec.forced:
-            if response_format is not None or grammar is not None:
-                raise ValueError("tool_choice required / a named function cannot be combined "
-                                 "with response_format or grammar")
-            sampler = GrammarSampler(self._sampler(temperature, top_p, top_k, min_p, repeat_penalty, seed),
-                                     self._lm, spec.grammar())
-        else:
-            sampler = self._sampler(temperature, top_p, top_k, min_p, repeat_penalty, seed,
-                                    response_format, grammar)
+        # structured output (grammar.py): raises ValueError on a constraint it cannot compile
+        constraint = from_request({"response_format": response_format, "grammar": grammar})
+        if spec is not None:
+            constraint = spec.constraint(constraint)
+        sampler = self._sampler(temperature, top_p, top_k, min_p, repeat_penalty, seed, constraint)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         model = self.model_path
 
@@ -201,12 +197,10 @@ class Llama:
                     if text:
                         yield chunk({"content": text}, None)
                     if ch.finish_reason:
-                        rest, calls = held.finish()
-                        if rest:
-                            yield chunk({"content": rest}, None)
-                        for k, c in enumerate(calls):
-                            yield chunk({"tool_calls": [dict(c, index=k)]}, None)
-                        yield chunk({}, "tool_calls" if calls else ch.finish_reason)
+                        deltas, finish = held.final_deltas(ch.finish_reason)
+                        for delta in deltas:
+                            yield chunk(delta, None)
+                        yield chunk({}, finish)
             return gen()
         parts, finish = [], "length"
         for ch in self._stream(ids, max_tokens, stop, sampler):

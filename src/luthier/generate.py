@@ -139,6 +139,11 @@ class TokenStream:
             out.append(self.finish("length"))
         return out
 
+    def draft(self, policy, free: int) -> list[int]:
+        """Prompt lookup drafts (lookup.DraftPolicy) to feed after the last token, which
+        has `free` cache positions from its own on: d drafts yield up to d + 1 tokens, so
+        they may outrun neither the token budget nor the cache."""
+        return policy.draft(self.history, min(self.max_tokens - self.stats.completion_tokens, free) - 1)
 
     def step_rows(self, rows: np.ndarray, drafts: list[int], policy=None) -> tuple[list[GenerationChunk], int]:
         """Sample the rows of one forward of [last token, drafts] ([1 + d, vocab]; row i
@@ -270,9 +275,7 @@ def generate_stream(
     yield from st.step(logits[-1])
     while not st.done:
         # st.last_token is sampled, not fed yet: it goes to position pos, drafts after it
-        # (d drafts yield up to d + 1 tokens: they may outrun neither the budget nor the cache)
-        room = min(st.max_tokens - st.stats.completion_tokens - 1, cache.max_seq_len - pos - 1)
-        drafts = policy.draft(st.history, room) if policy is not None else []
+        drafts = st.draft(policy, cache.max_seq_len - pos) if policy is not None else []
         rows = feed([st.last_token] + drafts, pos, False)  # [1 + d, vocab]: row i follows token i
         chunks, kept = st.step_rows(rows, drafts, policy)
         yield from chunks

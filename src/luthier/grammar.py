@@ -138,9 +138,15 @@ def from_request(body: dict) -> str | None:
         if not isinstance(v, list) or not v or not all(isinstance(c, str) for c in v):
             raise GrammarError(name, "'guided_choice' must be a non-empty array of strings")
         g = llg.LLMatcher.grammar_from_regex("|".join(f"(?:{re.escape(c)})" for c in v))
-    err = llg.LLMatcher.validate_grammar(g)
+    return validated(g, name, f"'{name}'")
+
+
+def validated(g: str, param: str, what: str) -> str:
+    """g, once llguidance accepts it (warnings pass); else GrammarError(param) saying that
+    `what` cannot be compiled."""
+    err = _llg().LLMatcher.validate_grammar(g)
     if err and not err.startswith("WARNING"):
-        raise GrammarError(name, f"'{name}' cannot be compiled: {err}")
+        raise GrammarError(param, f"{what} cannot be compiled: {err}")
     return g
 
 

@@ -90,13 +90,17 @@ class Server:
         body = await self.read_json(request)
         check_model(body, self.model_id)
         req = parse(body, self.tok.vocab_size, self.n_ctx)
-        self.worker.check_capacity()
-        if req.params.grammar is not None:
-            # llguidance's view of the vocabulary is built once, here in a thread rather
-            # than on the model thread, where it would stall every running stream (~1 s
-            # for Gemma 3's 262k tokens)
-            await run_in_threadpool(llg_tokenizer, self.lm)
+        await self.admit(req.params)
         return req
+
+    async def admit(self, p: GenParams) -> None:
+        """Checks before tokenizing a generation (a flood is turned away cheaply): room in
+        the queue; under a grammar, llguidance's view of the vocabulary, built once, here in
+        a thread rather than on the model thread, where it would stall every running stream
+        (~1 s for Gemma 3's 262k tokens)."""
+        self.worker.check_capacity()
+        if p.grammar is not None:
+            await run_in_threadpool(llg_tokenizer, self.lm)
 
     async def read_json(self, request: Request) -> dict:
         limit = self.max_body_bytes
@@ -371,12 +375,10 @@ class Server:
             if d.finish_reason:
                 ctoks += d.completion_tokens
                 cached = d.cached_tokens if d.index == 0 else cached
-                rest, calls = streams[d.index].finish()
-                if rest:
-                    yield chunk({"content": rest}, index=d.index)
-                for k, c in enumerate(calls):
-                    yield chunk({"tool_calls": [dict(c, index=k)]}, index=d.index)
-                yield chunk({}, "tool_calls" if calls else d.finish_reason, index=d.index)
+                deltas, finish = streams[d.index].final_deltas(d.finish_reason)
+                for delta in deltas:
+                    yield chunk(delta, index=d.index)
+                yield chunk({}, finish, index=d.index)
         if p.include_usage:
             yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_id,
                    "system_fingerprint": self.fingerprint, "choices": [], "usage": usage(n_prompt, ctoks, cached)}

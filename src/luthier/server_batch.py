@@ -162,9 +162,7 @@ class BatchScheduler:
         for s in decode:  # decode rows first: the next token, then any drafts after it
             s.drafts = []
             if s.policy is not None and spare > 0:
-                st = s.stream
-                room = min(st.max_tokens - st.stats.completion_tokens - 1, self.model.ctx - s.fed - 1, spare)
-                s.drafts = s.policy.draft(st.history, room)
+                s.drafts = s.stream.draft(s.policy, min(self.model.ctx - s.fed, spare + 1))
                 spare -= len(s.drafts)
             n = 1 + len(s.drafts)
             tokens.extend([s.stream.last_token] + s.drafts)

@@ -222,13 +222,7 @@ class Ollama:
         stream = body.get("stream", True)
         if not isinstance(stream, bool):
             raise APIError(400, "'stream' must be a boolean", param="stream")
-        srv.worker.check_capacity()
-        if p.grammar is not None:
-            from starlette.concurrency import run_in_threadpool
-
-            from .grammar import llg_tokenizer
-
-            await run_in_threadpool(llg_tokenizer, srv.lm)
+        await srv.admit(p)
         budget = srv.context_check(ids, p.max_tokens, False, "prompt")
         t0 = time.perf_counter_ns()
         job = srv.submit([ids], p, [budget], None)

@@ -280,16 +280,10 @@ def parse_chat(body: dict, vocab_size: int, n_ctx: int) -> ChatRequest:
     p = _common_params(body, vocab_size, n_ctx, default_max=None)  # chat: to the context's end
     try:
         tools = tools_from_request(body)
+        if tools is not None:
+            p.grammar = tools.constraint(p.grammar)
     except GrammarError as e:
         raise _bad(e.param, str(e)) from None
-    if tools is not None and tools.forced:
-        if p.grammar is not None:
-            raise _bad("tool_choice", f"tool_choice {tools.choice!r} constrains the output itself; "
-                                      "it cannot be combined with response_format or a grammar")
-        try:
-            p.grammar = tools.grammar()
-        except GrammarError as e:
-            raise _bad(e.param, str(e)) from None
     if _bool(body, "logprobs", False):
         p.logprobs = _int(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
     elif body.get("top_logprobs") is not None:

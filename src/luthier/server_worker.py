@@ -272,10 +272,6 @@ class Worker:
     @property
     def held(self) -> int:
         """Requests waiting or running."""
-        return self._held()
-
-    def _held(self) -> int:
-        """Requests waiting or running."""
         return len(self._pending) + (self._running is not None) + (self.sched.n_jobs if self.sched else 0)
 
     def start(self) -> None:
@@ -311,7 +307,7 @@ class Worker:
         """503 now if a job could not be queued (before a request spends work on it)."""
         if self._stopping or self._thread is None:
             raise APIError(503, "the server is not running", "server_error", code="unavailable")
-        if self._held() >= self.max_queue:
+        if self.held >= self.max_queue:
             raise APIError(503, f"the server is busy ({self.max_queue} requests held); retry later",
                            "server_error", code="queue_full", headers={"Retry-After": "1"})
 
@@ -353,7 +349,7 @@ class Worker:
                 else:
                     job = self._running = self._pending.popleft()
             if job is not None and sched is not None and isinstance(job, GenJob):
-                with self._cv:  # the scheduler counts it from here on (see _held)
+                with self._cv:  # the scheduler counts it from here on (see held)
                     sched.add(job)
                     self._running = None
                 continue  # take every queued job before the next step

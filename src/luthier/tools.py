@@ -33,7 +33,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .grammar import JSON_OPTIONS, GrammarError, _llg, closed_objects
+from .grammar import JSON_OPTIONS, GrammarError, _llg, closed_objects, validated
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 MAX_TOOLS = 128
@@ -82,12 +82,17 @@ class ToolSpec:
         lark = (f"start: call{more}\n"
                 f'call: "{OPEN}\\n" body "\\n{CLOSE}"\n'
                 f"body: %json {json.dumps(schema)}\n")
-        llg = _llg()
-        g = llg.LLMatcher.grammar_from_lark(lark)
-        err = llg.LLMatcher.validate_grammar(g)
-        if err and not err.startswith("WARNING"):
-            raise GrammarError("tools", f"the tools' parameter schemas cannot be compiled: {err}")
-        return g
+        return validated(_llg().LLMatcher.grammar_from_lark(lark), "tools", "the tools' parameter schemas")
+
+    def constraint(self, grammar: str | None) -> str | None:
+        """The grammar a request runs under: the calls' grammar when the choice forces a
+        call (it cannot be combined with another constraint), else `grammar` as it was."""
+        if not self.forced:
+            return grammar
+        if grammar is not None:
+            raise GrammarError("tool_choice", f"tool_choice {self.choice!r} constrains the output itself; "
+                                              "it cannot be combined with response_format or a grammar")
+        return self.grammar()
 
 
 def _check_tool(t: Any, i: int) -> dict:
@@ -301,3 +306,11 @@ class ToolStream:
             return out, []
         _, calls = parse(self.calls, self.spec)
         return ("", calls) if calls else (self.calls, [])
+
+    def final_deltas(self, finish_reason: str) -> tuple[list[dict], str]:
+        """The OpenAI chunk deltas that end a streamed choice: the rest of the content, then
+        one `tool_calls` delta per call; and the finish reason ("tool_calls" if any)."""
+        rest, calls = self.finish()
+        deltas = [{"content": rest}] if rest else []
+        deltas += [{"tool_calls": [dict(c, index=k)]} for k, c in enumerate(calls)]
+        return deltas, "tool_calls" if calls else finish_reason
