@@ -36,7 +36,23 @@ SHAPES = {  # n x k
     "llama2-7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
     "llama3-8b-ffn": [(4096, 14336)],
 }
-LLC_BYTES = 32 << 20
+
+
+def llc_bytes() -> int:
+    """The last-level cache size from sysfs (the largest cache cpu0 sees), else 32 MiB."""
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    for d in os.listdir(base) if os.path.isdir(base) else []:
+        try:
+            txt = open(os.path.join(base, d, "size")).read().strip()  # e.g. "266240K"
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
+        best = max(best, int(txt.rstrip("KMG")) * mult)
+    return best or 32 << 20
+
+
+LLC_BYTES = llc_bytes()
 COLD_FACTOR = 4  # cycle through >= 4x the LLC
 
 

@@ -11,6 +11,11 @@ std::vector<std::string> available_isas() {
 #if defined(LUTHIER_X86)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) v.push_back("avx2");
+  // the AVX-512 kernels use F (zmm), BW (byte/word ops), VL and DQ (inserts/broadcasts)
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("fma"))
+    v.push_back("avx512");
 #endif
 #if defined(__aarch64__)
   v.push_back("neon");  // Advanced SIMD is part of the aarch64 baseline: no check needed
@@ -24,6 +29,7 @@ GemmKernel kernel_for(const std::string& isa) {
     if (isa == "generic") return lut_gemm_generic;
 #if defined(LUTHIER_X86)
     if (isa == "avx2") return lut_gemm_avx2;
+    if (isa == "avx512") return lut_gemm_avx512;
 #endif
 #if defined(__aarch64__)
     if (isa == "neon") return lut_gemm_neon;

@@ -51,9 +51,13 @@ void int8_panels_generic(const int8_t* w, const uint16_t* wscale, int64_t kp, co
 void int8_panels_avx2(const int8_t* w, const uint16_t* wscale, int64_t kp, const int8_t* xq,
                       const float* xs, int64_t m, float* y, int64_t ldy, int64_t n, int64_t p0,
                       int64_t p1);
+// AVX-512 VNNI (vpdpbusd); the "avx512" ISA's kernel on CPUs that have VNNI
+void int8_panels_vnni(const int8_t* w, const uint16_t* wscale, int64_t kp, const int8_t* xq,
+                      const float* xs, int64_t m, float* y, int64_t ldy, int64_t n, int64_t p0,
+                      int64_t p1);
 #endif
 
-// Threaded entry point; isa "" = the active one (generic or avx2).
+// Threaded entry point; isa "" = the active one (generic, avx2 or avx512).
 void int8_linear(const int8_t* w, const uint16_t* wscale, int64_t n, int64_t k, const float* x,
                  int64_t m, const float* norm_w, float eps, float* y, int n_threads,
                  const char* isa);

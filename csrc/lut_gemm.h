@@ -42,7 +42,7 @@
 // low u8 then 16 bytes high s8); ts[m, G] float; xsum[m, G] float (= S, in EXACT mode the
 // sum of the dequantized int8 activations).
 //
-// Name suffixes: _generic = portable C++, _avx2 = SIMD for that ISA (the only one so far).
+// Name suffixes: _generic = portable C++, _avx2 / _avx512 / _neon = SIMD for that ISA.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -119,6 +119,7 @@ using GemmKernel = void (*)(const GemmArgs&, int64_t tile_begin, int64_t tile_en
 void lut_gemm_generic(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 #if defined(LUTHIER_X86)
 void lut_gemm_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+void lut_gemm_avx512(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 #endif
 
 // Portable fp16 <-> fp32 (IEEE binary16; to half rounds to nearest even).

@@ -214,3 +214,23 @@ def test_isa_override_env(tmp_path):
     env = dict(os.environ, LUTHIER_ISA="nope")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode != 0 and "not available" in r.stderr
+
+
+@pytest.mark.skipif("avx512" not in ISAS or "avx2" not in ISAS, reason="needs a CPU with AVX-512")
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_avx512_is_bit_identical_to_avx2(bits, mode):
+    # the AVX-512 kernel does the AVX2 kernel's integer sums two half-tiles at a time and
+    # the same float epilogue: every output is the same float, over row tails (n % 32 below
+    # and above 16), token counts around its 4-token blocks, zero points on and off
+    rng = np.random.default_rng(13)
+    for n, k, gs, zeros in [(45, 520, 8, True), (7, 264, 24, False), (61, 1032, 128, True),
+                            (96, 2048, 256, False)]:
+        qt = make_qt(rng, n, k, bits, gs if bits != "ternary" else k, zeros and bits != "ternary")
+        pw = kernels.pack(qt)
+        for m in (1, 3, 4, 9):
+            x = (rng.standard_normal((m, k)) * 2).astype(np.float32)
+            t = kernels.build_tables(x, pw.group_size, mode)
+            y2 = kernels.lut_gemm(t, pw, isa="avx2")
+            np.testing.assert_array_equal(kernels.lut_gemm(t, pw, isa="avx512"), y2)
+            np.testing.assert_array_equal(kernels.lut_gemm(t, pw, n_threads=2, isa="avx512"), y2)
