@@ -53,7 +53,9 @@ NEAR_TIE_MARGIN = 0.5
 N_GREEDY = 16
 CTX = 64
 
-PROMPTS = ["The capital of France is", "Once upon a time there was a little"]
+# four prompts: the two layouts' logits differ by rounding and greedy paths may part at a
+# near-tie; with two prompts, both parted under the AVX-512 attention's rounding
+PROMPTS = ["The capital of France is", "Once upon a time there was a little", "def fibonacci(n):", "The three primary colors are"]
 TEXTS = [
     "Hello world!",
     "  leading spaces and trailing  ",

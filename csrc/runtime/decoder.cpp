@@ -2,6 +2,7 @@
 #include "decoder.h"
 
 #include "vec_ops.h"
+#include "../dispatch.h"
 #include "../int8_gemm.h"
 
 #include <algorithm>
@@ -230,6 +231,14 @@ void Decoder::attention_impl(int li, const float* q, int64_t m, float* out) {
   const int64_t nt = int64_t(n_threads);
   const int64_t per = m >= 2 * nt ? c.n_heads : m * c.n_kv_heads >= 4 * nt ? group : 1;
   const int64_t tasks_per_row = c.n_heads / per;
+  // AVX-512 fp16 path (attention_avx512.cpp) when the kernels are avx512: the same per-head
+  // arithmetic whatever `per` is, so results do not depend on the batch
+#if defined(LUTHIER_X86)
+  static const bool avx512 = active_isa() == "avx512";
+#else
+  constexpr bool avx512 = false;
+#endif
+  const bool grouped = avx512 && c.kv_f16 && hd % 16 == 0 && hd <= 256;
   std::function<void(int64_t)> fn = [&](int64_t task) {
     const int64_t i = task / tasks_per_row, h0 = (task % tasks_per_row) * per;
     const int64_t p = pos_[size_t(i)];
@@ -238,23 +247,41 @@ void Decoder::attention_impl(int li, const float* q, int64_t m, float* out) {
     const int64_t begin = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
     const int64_t nk = p + 1 - begin;
     const int64_t stride = c.n_kv_heads * hd;  // cache [ctx, kv, hd]: key t at t * stride
+    // heads that share a kv head go together through the AVX-512 fp16 path (keys and
+    // values converted once for all of them); otherwise one head at a time
+    const int64_t gg = grouped ? std::min(per, group) : 1;
     thread_local std::vector<float> sc;
-    sc.resize(size_t(nk));
-    for (int64_t h = h0; h < h0 + per; ++h) {
-      const float* qv = q + (i * c.n_heads + h) * hd;  // [m, heads, hd]
+    sc.resize(size_t(gg * nk));  // [gg][nk]
+    for (int64_t h = h0; h < h0 + per; h += gg) {
+      const float* qv = q + (i * c.n_heads + h) * hd;  // [m, heads, hd]: heads h..h+gg-1
       const size_t koff = size_t(begin * stride + (h / group) * hd);  // key `begin`, h's kv head
+      float* o = out + (i * c.n_heads + h) * hd;
+#if defined(LUTHIER_X86)
+      if (grouped)
+        scores_group_f16_avx512(qv, int(gg), reinterpret_cast<const uint16_t*>(K) + koff, stride, nk,
+                                hd, scale, sc.data(), nk);
+      else
+#endif
       if (c.kv_f16)
         scores_f16(qv, reinterpret_cast<const uint16_t*>(K) + koff, stride, nk, hd, scale, sc.data());
       else
         scores(qv, reinterpret_cast<const float*>(K) + koff, stride, nk, hd, scale, sc.data());
-      float mx = -INFINITY;
-      for (int64_t t = 0; t < nk; ++t) {
-        if (c.attn_softcap > 0.f) sc[size_t(t)] = c.attn_softcap * std::tanh(sc[size_t(t)] / c.attn_softcap);
-        mx = std::max(mx, sc[size_t(t)]);
+      for (int64_t j = 0; j < gg; ++j) {  // softmax of each head's scores
+        float* sj = sc.data() + j * nk;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < nk; ++t) {
+          if (c.attn_softcap > 0.f) sj[t] = c.attn_softcap * std::tanh(sj[t] / c.attn_softcap);
+          mx = std::max(mx, sj[t]);
+        }
+        const float inv = 1.f / exp_shift_sum(sj, nk, mx);
+        for (int64_t t = 0; t < nk; ++t) sj[t] *= inv;
       }
-      const float inv = 1.f / exp_shift_sum(sc.data(), nk, mx);
-      for (int64_t t = 0; t < nk; ++t) sc[size_t(t)] *= inv;
-      float* o = out + (i * c.n_heads + h) * hd;
+#if defined(LUTHIER_X86)
+      if (grouped)
+        wsum_group_f16_avx512(sc.data(), nk, int(gg), reinterpret_cast<const uint16_t*>(V) + koff,
+                              stride, nk, hd, o);
+      else
+#endif
       if (c.kv_f16)
         weighted_sum_f16(sc.data(), reinterpret_cast<const uint16_t*>(V) + koff, stride, nk, hd, o);
       else

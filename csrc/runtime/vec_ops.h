@@ -20,6 +20,16 @@ void scores_f16(const float* q, const uint16_t* K, int64_t stride, int64_t n_key
                 float scale, float* out);
 void weighted_sum_f16(const float* p, const uint16_t* V, int64_t stride, int64_t n_keys, int64_t n,
                       float* out);
+#if defined(LUTHIER_X86)
+// attention_avx512.cpp (call only when the AVX-512 kernels are active, hd % 16 == 0,
+// hd <= 256): g query heads q [g][hd] sharing one kv head, fp16 keys/values at K/V + t * stride
+// out[j * ldo + t] = scale * q[j] . K[t]
+void scores_group_f16_avx512(const float* q, int g, const uint16_t* K, int64_t stride, int64_t nk,
+                             int64_t hd, float scale, float* out, int64_t ldo);
+// out[j][i] = sum_t p[j * ldp + t] * V[t][i], out [g][hd]
+void wsum_group_f16_avx512(const float* p, int64_t ldp, int g, const uint16_t* V, int64_t stride,
+                           int64_t nk, int64_t hd, float* out);
+#endif
 // fp32 -> fp16 bits, n values
 void to_half(const float* x, uint16_t* out, int64_t n);
 // x[i] = exp(x[i] - mx), returns the sum; exp by range reduction + polynomial (rel. err ~2e-7)
