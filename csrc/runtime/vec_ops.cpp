@@ -9,7 +9,7 @@
 #include <cstring>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LUTHIER_CLONES __attribute__((target_clones("avx2", "default")))
+#define LUTHIER_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define LUTHIER_CLONES
 #endif
@@ -17,7 +17,8 @@
 namespace luthier {
 namespace {
 
-// (target_clones("arch=...") would test the CPU model, not its features: "avx2" it is)
+// (target_clones("arch=...") would test the CPU model, not its features: "avx512f" and
+// "avx2" it is; CMakeLists.txt turns off FMA contraction so every clone gives the same bits)
 // exp(x) for x <= 0 (softmax after the max shift; activations clamp): 2^n * p(r),
 // r = x - n ln2 in [-ln2/2, ln2/2], degree-6 polynomial; branch-free so it vectorizes.
 inline float fast_exp(float x) {

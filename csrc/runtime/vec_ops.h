@@ -1,6 +1,6 @@
 // vec_ops.h: small float kernels of the decoder (dot products, softmax, activations),
-// written so the compiler vectorizes them; built twice (AVX2+FMA and baseline) with
-// target_clones so one binary runs everywhere.
+// written so the compiler vectorizes them; built three times (AVX-512F, AVX2, baseline)
+// with target_clones so one binary runs everywhere, with the same results on each.
 #pragma once
 #include <cstdint>
 
