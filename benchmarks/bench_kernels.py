@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     bw = {t: probe_bandwidth(t) for t in threads_list}
     print(f"# machine: {cpu_name()}, {os.cpu_count()} cpus; isa={kernels.active_isa()}; "
           f"commit {git_commit()}")
-    print("# read bandwidth probe (1 GiB, AVX2 loads, best of 5): "
+    print("# read bandwidth probe (1 GiB, wide loads, best of 5): "
           + ", ".join(f"{t} thread(s) {bw[t]:.1f} GB/s" for t in threads_list)
           + (f"; cold %bw paired with the probe over {a.rounds} rounds (median)" if a.rounds else ""))
     print("# command: python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])))
