@@ -46,6 +46,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 namespace luthier {
 
@@ -121,6 +122,41 @@ void lut_gemm_generic(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void lut_gemm_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void lut_gemm_avx512(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 #endif
+
+// kgroup pairs an int16 accumulator of the x86 kernels can sum before it is widened to
+// int32 (a power of two): FAST |lookup| <= 127, EXACT low bytes <= 255, times 2^b - 1
+// for the plane weights of b bits
+template <int B, bool EXACT>
+constexpr int int16_flush_pairs() {
+  constexpr int per = (EXACT ? 255 : 127) * ((1 << B) - 1);
+  constexpr int kg = 32767 / per;
+  int p = 1;
+  while (p * 4 <= kg) p *= 2;
+  return p;
+}
+
+// f(std::integral_constant<int, bits>, std::integral_constant<bool, exact>) for bits 1-6:
+// the one switch from run-time (bits, mode) to a kernel's template instance
+template <typename F>
+void with_bits(int bits, bool exact, F&& f) {
+  using std::integral_constant;
+  using T = std::true_type;
+  using N = std::false_type;
+  switch (bits * 2 + (exact ? 1 : 0)) {
+    case 2: return f(integral_constant<int, 1>{}, N{});
+    case 3: return f(integral_constant<int, 1>{}, T{});
+    case 4: return f(integral_constant<int, 2>{}, N{});
+    case 5: return f(integral_constant<int, 2>{}, T{});
+    case 6: return f(integral_constant<int, 3>{}, N{});
+    case 7: return f(integral_constant<int, 3>{}, T{});
+    case 8: return f(integral_constant<int, 4>{}, N{});
+    case 9: return f(integral_constant<int, 4>{}, T{});
+    case 10: return f(integral_constant<int, 5>{}, N{});
+    case 11: return f(integral_constant<int, 5>{}, T{});
+    case 12: return f(integral_constant<int, 6>{}, N{});
+    default: return f(integral_constant<int, 6>{}, T{});
+  }
+}
 
 // Portable fp16 <-> fp32 (IEEE binary16; to half rounds to nearest even).
 float half_to_float(uint16_t h);

@@ -29,17 +29,6 @@
 namespace luthier {
 namespace {
 
-// kgroup pairs an int16 accumulator can take without overflow (as lut_gemm_avx2.cpp):
-// FAST |sum| <= 127 * (2^b - 1) per kgroup; EXACT low bytes <= 255 * (2^b - 1).
-template <int B, bool EXACT>
-constexpr int flush_pairs() {
-  constexpr int per = (EXACT ? 255 : 127) * ((1 << B) - 1);
-  constexpr int kg = 32767 / per;
-  int p = 1;
-  while (p * 4 <= kg) p *= 2;
-  return p;
-}
-
 inline __m512i bcast_table(const uint8_t* p) {  // 16 bytes to all four lanes (one load)
   return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
@@ -82,7 +71,7 @@ void tile_tokens(const GemmArgs& a, int64_t t, int64_t mi, const uint8_t* wend) 
   const TableShape& tsh = *a.ts;
   constexpr int kTb = EXACT ? 32 : 16;  // table bytes per kgroup
   constexpr int kPairBytes = B * 32;    // weight bytes per kgroup pair of a tile
-  constexpr int kFlush = flush_pairs<B, EXACT>();
+  constexpr int kFlush = int16_flush_pairs<B, EXACT>();
   constexpr int kPrefetch = LUTHIER_PREFETCH;
   constexpr int kPrefetchL2 = LUTHIER_PREFETCH_L2;
   const int64_t pairs = ps.gsp / 8;
@@ -204,21 +193,9 @@ void run(const GemmArgs& a, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
 }  // namespace
 
 void lut_gemm_avx512(const GemmArgs& a, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
-  const bool exact = a.ts->mode == TableMode::kExact;
-  switch (a.ps->bits * 2 + (exact ? 1 : 0)) {
-    case 2: return run<1, false>(a, t0, t1, m0, m1);
-    case 3: return run<1, true>(a, t0, t1, m0, m1);
-    case 4: return run<2, false>(a, t0, t1, m0, m1);
-    case 5: return run<2, true>(a, t0, t1, m0, m1);
-    case 6: return run<3, false>(a, t0, t1, m0, m1);
-    case 7: return run<3, true>(a, t0, t1, m0, m1);
-    case 8: return run<4, false>(a, t0, t1, m0, m1);
-    case 9: return run<4, true>(a, t0, t1, m0, m1);
-    case 10: return run<5, false>(a, t0, t1, m0, m1);
-    case 11: return run<5, true>(a, t0, t1, m0, m1);
-    case 12: return run<6, false>(a, t0, t1, m0, m1);
-    default: return run<6, true>(a, t0, t1, m0, m1);
-  }
+  with_bits(a.ps->bits, a.ts->mode == TableMode::kExact, [&](auto b, auto e) {
+    run<decltype(b)::value, decltype(e)::value>(a, t0, t1, m0, m1);
+  });
 }
 
 }  // namespace luthier
