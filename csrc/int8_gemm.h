@@ -18,6 +18,7 @@
 // do not depend on the batch it is decoded in).
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 namespace luthier {
 
@@ -56,6 +57,30 @@ void int8_panels_vnni(const int8_t* w, const uint16_t* wscale, int64_t kp, const
                       const float* xs, int64_t m, float* y, int64_t ldy, int64_t n, int64_t p0,
                       int64_t p1);
 #endif
+
+#ifndef LUTHIER_INT8_PREFETCH_PANELS
+#define LUTHIER_INT8_PREFETCH_PANELS 4
+#endif
+
+// The walk every SIMD int8 kernel shares: panels [p0, p1), each for its tokens in tiles of
+// 8, 4, 2 and 1; the first tile of a panel prefetches the panel LUTHIER_INT8_PREFETCH_PANELS
+// ahead (the panel's other tiles find it in L1). tile(std::integral_constant<int, T>, p, t0,
+// pf, rows) computes and stores tokens [t0, t0 + T) of panel p (its first `rows` rows; pf:
+// bytes to prefetch, or null). The tile is a lambda of the kernel's own file, so each ISA's
+// instance is compiled with that file's flags.
+template <typename Tile>
+inline void int8_panel_walk(int64_t kp, int64_t m, int64_t n, int64_t p0, int64_t p1, const int8_t* w,
+                            Tile&& tile) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int8_t* pf = p + LUTHIER_INT8_PREFETCH_PANELS < p1 ? w + (p + LUTHIER_INT8_PREFETCH_PANELS) * 8 * kp : nullptr;
+    const int64_t rows = n - p * 8 < 8 ? n - p * 8 : 8;
+    int64_t t = 0;
+    for (; t + 8 <= m; t += 8, pf = nullptr) tile(std::integral_constant<int, 8>{}, p, t, pf, rows);
+    for (; t + 4 <= m; t += 4, pf = nullptr) tile(std::integral_constant<int, 4>{}, p, t, pf, rows);
+    for (; t + 2 <= m; t += 2, pf = nullptr) tile(std::integral_constant<int, 2>{}, p, t, pf, rows);
+    for (; t < m; ++t, pf = nullptr) tile(std::integral_constant<int, 1>{}, p, t, pf, rows);
+  }
+}
 
 // Threaded entry point; isa "" = the active one (generic, avx2 or avx512).
 void int8_linear(const int8_t* w, const uint16_t* wscale, int64_t n, int64_t k, const float* x,

@@ -63,10 +63,6 @@ inline void tile_store(const int8_t* wp, const uint16_t* sp, int64_t kp, const i
 
 }  // namespace
 
-#ifndef LUTHIER_INT8_PREFETCH_PANELS
-#define LUTHIER_INT8_PREFETCH_PANELS 4
-#endif
-
 void int8_panels_vnni(const int8_t* w, const uint16_t* wscale, int64_t kp, const int8_t* xq,
                       const float* xs, int64_t m, float* y, int64_t ldy, int64_t n, int64_t p0,
                       int64_t p1) {
@@ -80,18 +76,10 @@ void int8_panels_vnni(const int8_t* w, const uint16_t* wscale, int64_t kp, const
     xsum128[size_t(i)] = 128 * s;
   }
   const int32_t* xb = xsum128.data();
-  for (int64_t p = p0; p < p1; ++p) {
-    const int8_t* wp = w + p * 8 * kp;  // panel p of [P, kp / 4, 8, 4]
-    const uint16_t* sp = wscale + p * 8 * nb;  // its scales [nb, 8]
-    // the first tile of each panel prefetches the panel LUTHIER_INT8_PREFETCH_PANELS ahead
-    const int8_t* pf = p + LUTHIER_INT8_PREFETCH_PANELS < p1 ? wp + LUTHIER_INT8_PREFETCH_PANELS * 8 * kp : nullptr;
-    const int64_t rows = n - p * 8 < 8 ? n - p * 8 : 8;
-    int64_t t = 0;
-    for (; t + 8 <= m; t += 8, pf = nullptr) tile_store<8>(wp, sp, kp, xq, xs, xb, t, pf, y, ldy, p * 8, rows);
-    for (; t + 4 <= m; t += 4, pf = nullptr) tile_store<4>(wp, sp, kp, xq, xs, xb, t, pf, y, ldy, p * 8, rows);
-    for (; t + 2 <= m; t += 2, pf = nullptr) tile_store<2>(wp, sp, kp, xq, xs, xb, t, pf, y, ldy, p * 8, rows);
-    for (; t < m; ++t, pf = nullptr) tile_store<1>(wp, sp, kp, xq, xs, xb, t, pf, y, ldy, p * 8, rows);
-  }
+  int8_panel_walk(kp, m, n, p0, p1, w, [&](auto T, int64_t p, int64_t t, const int8_t* pf, int64_t rows) {
+    // panel p of [P, kp / 4, 8, 4] and its scales [nb, 8]
+    tile_store<decltype(T)::value>(w + p * 8 * kp, wscale + p * 8 * nb, kp, xq, xs, xb, t, pf, y, ldy, p * 8, rows);
+  });
 }
 
 }  // namespace luthier

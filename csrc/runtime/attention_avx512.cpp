@@ -79,10 +79,7 @@ void scores_impl(const float* q, int g, const uint16_t* K, int64_t stride, int64
   }
   // a last block that is not a multiple of 16: a horizontal sum per key, then the same scaling
   for (; t < nk; ++t)
-    for (int j = 0; j < g; ++j) {
-      const __m512 s = _mm512_set1_ps(key_score(q + j * hd, K + t * stride, hd));
-      out[j * ldo + t] = _mm_cvtss_f32(_mm512_castps512_ps128(_mm512_mul_ps(s, vs)));
-    }
+    for (int j = 0; j < g; ++j) out[j * ldo + t] = key_score(q + j * hd, K + t * stride, hd) * scale;
 }
 
 }  // namespace
@@ -106,7 +103,7 @@ void wsum_block(const float* p, int64_t ldp, const uint16_t* V, int64_t stride, 
     for (int c = 0; c < NC; ++c) acc[j][c] = _mm512_setzero_ps();
   for (int64_t t = 0; t < nk; ++t) {
     const uint16_t* v = V + t * stride + i0;  // value t of the cache walk [t][kv][hd]
-    // the cache rows are kPrefetchRows * stride apart in memory: fetch ahead of the stream
+    // cache rows are `stride` apart: fetch the one kPrefetchRows ahead of the stream
     _mm_prefetch(reinterpret_cast<const char*>(v + kPrefetchRows * stride), _MM_HINT_T0);
     if (NC > 2) _mm_prefetch(reinterpret_cast<const char*>(v + kPrefetchRows * stride + 32), _MM_HINT_T0);
     __m512 vf[NC];
