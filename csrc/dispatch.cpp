@@ -16,6 +16,10 @@ std::vector<std::string> available_isas() {
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
       __builtin_cpu_supports("fma"))
     v.push_back("avx512");
+  // batched tokens by byte permutes (VBMI) and u8 x s8 dot products (VNNI)
+  if (v.back() == "avx512" && __builtin_cpu_supports("avx512vbmi") &&
+      __builtin_cpu_supports("avx512vnni"))
+    v.push_back("avx512vbmi");
 #endif
 #if defined(__aarch64__)
   v.push_back("neon");  // Advanced SIMD is part of the aarch64 baseline: no check needed
@@ -30,6 +34,7 @@ GemmKernel kernel_for(const std::string& isa) {
 #if defined(LUTHIER_X86)
     if (isa == "avx2") return lut_gemm_avx2;
     if (isa == "avx512") return lut_gemm_avx512;
+    if (isa == "avx512vbmi") return lut_gemm_vbmi;
 #endif
 #if defined(__aarch64__)
     if (isa == "neon") return lut_gemm_neon;

@@ -19,5 +19,7 @@ std::vector<std::string> available_isas();
 const std::string& active_isa();
 // Kernel for a named ISA; throws std::invalid_argument if it is not available.
 GemmKernel kernel_for(const std::string& isa);
+// "avx512" and "avx512vbmi" (which adds a batched LUT kernel) share the other AVX-512 paths.
+inline bool is_avx512_isa(const std::string& isa) { return isa == "avx512" || isa == "avx512vbmi"; }
 
 }  // namespace luthier

@@ -106,7 +106,7 @@ void int8_linear(const int8_t* w, const uint16_t* wscale, int64_t n, int64_t k, 
   // Zen 4 and Intel since Ice Lake have VNNI with AVX-512; the rare CPU without it (Skylake-X)
   // runs the AVX2 kernel, which gives the same bits
   static const bool vnni = (__builtin_cpu_init(), __builtin_cpu_supports("avx512vnni"));
-  if (want == "avx512") kern = vnni ? int8_panels_vnni : int8_panels_avx2;
+  if (is_avx512_isa(want)) kern = vnni ? int8_panels_vnni : int8_panels_avx2;
 #endif
   const int64_t panels = int8_panels(n), chunk = 32;  // panels per task: 256 rows, 256 * kp bytes
   const int8_t* q = xq.data();

@@ -42,7 +42,7 @@
 // low u8 then 16 bytes high s8); ts[m, G] float; xsum[m, G] float (= S, in EXACT mode the
 // sum of the dequantized int8 activations).
 //
-// Name suffixes: _generic = portable C++, _avx2 / _avx512 / _neon = SIMD for that ISA.
+// Name suffixes: _generic = portable C++, _avx2 / _avx512 / _vbmi / _neon = SIMD for that ISA.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -121,6 +121,9 @@ void lut_gemm_generic(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 #if defined(LUTHIER_X86)
 void lut_gemm_avx2(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 void lut_gemm_avx512(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+// AVX-512 with VBMI and VNNI: blocks of tokens (m > 1) by vpermb + vpdpbusd, the rest
+// through lut_gemm_avx512; the same bits as lut_gemm_avx512
+void lut_gemm_vbmi(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 #endif
 
 // kgroup pairs an int16 accumulator of the x86 kernels can sum before it is widened to

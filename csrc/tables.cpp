@@ -59,7 +59,7 @@ void group_tables(TableMode mode, const float* xg, int64_t gsp, uint8_t* out, fl
     *tscale = sc;
     *xsum = sum;
 #if defined(LUTHIER_X86)
-    static const bool simd = active_isa() == "avx2" || active_isa() == "avx512";  // same bytes, ~5x fewer instructions
+    static const bool simd = active_isa() == "avx2" || is_avx512_isa(active_isa());  // same bytes, ~5x fewer instructions
     if (simd) {
       fast_group_entries_avx2(xg, kgroups, inv, out);
       return;

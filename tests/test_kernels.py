@@ -216,21 +216,28 @@ def test_isa_override_env(tmp_path):
     assert r.returncode != 0 and "not available" in r.stderr
 
 
-@pytest.mark.skipif("avx512" not in ISAS or "avx2" not in ISAS, reason="needs a CPU with AVX-512")
+AVX512_ISAS = [i for i in ISAS if i.startswith("avx512")]
+
+
+@pytest.mark.skipif(not AVX512_ISAS or "avx2" not in ISAS, reason="needs a CPU with AVX-512")
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 def test_avx512_is_bit_identical_to_avx2(bits, mode):
-    # the AVX-512 kernel does the AVX2 kernel's integer sums two half-tiles at a time and
-    # the same float epilogue: every output is the same float, over row tails (n % 32 below
-    # and above 16), token counts around its 4-token blocks, zero points on and off
+    # the AVX-512 kernel does the AVX2 kernel's integer sums two half-tiles at a time, the
+    # avx512vbmi one sums blocks of 8 or 4 tokens by vpermb + vpdpbusd (the rest through the
+    # AVX-512 kernel); both with the same float epilogue: every output is the same float,
+    # over row tails (n % 32 below and above 16), token counts around the 4- and 8-token
+    # blocks (a batch must decode as its rows alone), zero points on and off
     rng = np.random.default_rng(13)
     for n, k, gs, zeros in [(45, 520, 8, True), (7, 264, 24, False), (61, 1032, 128, True),
                             (96, 2048, 256, False)]:
         qt = make_qt(rng, n, k, bits, gs if bits != "ternary" else k, zeros and bits != "ternary")
         pw = kernels.pack(qt)
-        for m in (1, 3, 4, 9):
+        for m in (1, 3, 4, 9, 13, 16):
             x = (rng.standard_normal((m, k)) * 2).astype(np.float32)
             t = kernels.build_tables(x, pw.group_size, mode)
             y2 = kernels.lut_gemm(t, pw, isa="avx2")
-            np.testing.assert_array_equal(kernels.lut_gemm(t, pw, isa="avx512"), y2)
-            np.testing.assert_array_equal(kernels.lut_gemm(t, pw, n_threads=2, isa="avx512"), y2)
+            for isa in AVX512_ISAS:
+                np.testing.assert_array_equal(kernels.lut_gemm(t, pw, isa=isa), y2, err_msg=f"{isa} m={m}")
+                np.testing.assert_array_equal(kernels.lut_gemm(t, pw, n_threads=2, isa=isa), y2,
+                                              err_msg=f"{isa} m={m}, 2 threads")

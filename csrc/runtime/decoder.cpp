@@ -234,7 +234,7 @@ void Decoder::attention_impl(int li, const float* q, int64_t m, float* out) {
   // AVX-512 fp16 path (attention_avx512.cpp) when the kernels are avx512: the same per-head
   // arithmetic whatever `per` is, so results do not depend on the batch
 #if defined(LUTHIER_X86)
-  static const bool avx512 = active_isa() == "avx512";
+  static const bool avx512 = is_avx512_isa(active_isa());
 #else
   constexpr bool avx512 = false;
 #endif
