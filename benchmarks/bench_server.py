@@ -14,8 +14,11 @@ connections (--client threads: one httpx thread each, as before session 3; its c
 ~2/3 of a core at 16 clients, is taken from the cores the servers compute on); both servers
 get identical request bodies.
 Nothing else should run on the machine (spin-waiting thread pools collapse under load).
+--rounds R repeats the client counts R times; the scaling table then gives N clients over 1
+client of the same round (issue 5's "16 streams at 3x one stream"), median over rounds.
 
     python benchmarks/bench_server.py --llama-server PATH/llama-server --json out.json
+    python benchmarks/bench_server.py --clients 1,16 --rounds 5
 """
 
 from __future__ import annotations
@@ -240,14 +243,31 @@ def run_engine(name: str, cmd: list[str], url: str, args) -> list[dict]:
     rows = []
     with served(name, cmd, url):
         one_request(url, "Warm up.", 8)
-        for n in args.clients:
-            r = (load_async if args.client == "asyncio" else load)(url, n, args.requests, args.max_tokens,
-                                                                   preamble(args.preamble))
-            r["engine"] = name
-            rows.append(r)
-            print(f"{name:>14} N={n:>2}: {r['agg_tps']:7.1f} tok/s, TTFT p50 {r['ttft_p50_ms']:7.0f} ms "
-                  f"p95 {r['ttft_p95_ms']:7.0f} ms", file=sys.stderr, flush=True)
+        for rnd in range(args.rounds):  # rounds of every client count: neighbours in time
+            for n in args.clients:
+                r = (load_async if args.client == "asyncio" else load)(url, n, args.requests, args.max_tokens,
+                                                                       preamble(args.preamble))
+                r["engine"], r["round"] = name, rnd
+                rows.append(r)
+                print(f"{name:>14} N={n:>2}: {r['agg_tps']:7.1f} tok/s, TTFT p50 {r['ttft_p50_ms']:7.0f} ms "
+                      f"p95 {r['ttft_p95_ms']:7.0f} ms", file=sys.stderr, flush=True)
     return rows
+
+
+def scaling(rows: list[dict]) -> list[str]:
+    """Per engine and client count N > 1: aggregate tok/s at N over 1 client's in the same
+    round (median and range over rounds), so a machine whose speed drifts between rounds
+    does not enter the ratio."""
+    out = []
+    for eng in dict.fromkeys(r["engine"] for r in rows):
+        one = {r["round"]: r["agg_tps"] for r in rows if r["engine"] == eng and r["clients"] == 1}
+        for n in sorted({r["clients"] for r in rows if r["engine"] == eng and r["clients"] > 1}):
+            ratios = [r["agg_tps"] / one[r["round"]] for r in rows
+                      if r["engine"] == eng and r["clients"] == n and r["round"] in one]
+            if ratios:
+                out.append(f"| {eng} | {n} | {np.median(ratios):.2f} | {min(ratios):.2f}-{max(ratios):.2f} | "
+                           f"{len(ratios)} |")
+    return out
 
 
 def add_engine_args(ap: argparse.ArgumentParser) -> None:
@@ -282,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
     ap.add_argument("--requests", type=int, default=3, help="requests per client, one after another")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the client counts R times (each round 1, 4, 16, ...); the scaling "
+                         "table compares N clients with 1 client of the same round")
     ap.add_argument("--ctx", type=int, default=512, help="context per sequence")
     ap.add_argument("--llama-server", default=None, help="llama-server binary (skipped if not given)")
     ap.add_argument("--llama-model", default=None, help="GGUF for llama-server (default: quantize --model)")
@@ -343,10 +366,15 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"| {r['engine']} | {r['clients']} | {r['requests']} | {r['tokens']} | {r['agg_tps']:.1f} | "
               f"{r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | {r['per_stream_tps']:.1f} |")
+    sc = scaling(rows)
+    if sc:
+        print("\n| engine | clients | aggregate / 1 client, same round (median) | range | rounds |")
+        print("|---|---|---|---|---|")
+        print("\n".join(sc))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": model, "bits": a.bits, "group_size": a.group_size, "threads": a.threads,
-                       "max_tokens": a.max_tokens, "requests_per_client": a.requests, "preamble_words": a.preamble,
+                       "max_tokens": a.max_tokens, "requests_per_client": a.requests, "preamble_words": a.preamble, "rounds": a.rounds,
                        "luthier_flags": a.luthier_flag, "rows": rows}, f, indent=1)
     return 0
 
