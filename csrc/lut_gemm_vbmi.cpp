@@ -66,7 +66,8 @@ struct LaneOrder {
 };
 constexpr LaneOrder kOrder;
 
-// 16 fp16 values of [slot] of the 32 at p, in the lane order of X0 (x = 0) or X1 (x = 1)
+// Lane j = the fp16 value of slot idx[j] of the tile's 32 at p, as float: with idx =
+// kOrder.sx[0] / sx[1], the scales of X0's / X1's rows. [32 fp16] -> 2 x [16 f32] -> permute
 inline __m512 load_rows(const uint16_t* p, const __m512i idx) {
   const __m512 lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   const __m512 hi = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)));
