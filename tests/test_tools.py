@@ -113,6 +113,84 @@ def test_forced_grammars_compile_and_differ():
     assert isinstance(spec("required", tools=[odd]).grammar(), str)
 
 
+@pytest.fixture(scope="module")
+def small_lm():
+    from luthier import Llama
+
+    return Llama(bits=4, n_threads=1, n_ctx=512)._lm
+
+
+def _matcher_verdict(lm, grammar: str, text: str) -> str:
+    """What the grammar says of `text` written token by token: rejected, accepting, open."""
+    import llguidance
+
+    from luthier.grammar import llg_tokenizer
+
+    m = llguidance.LLMatcher(llg_tokenizer(lm), grammar)
+    for t in lm.tokenizer.encode(text, add_bos=False):
+        if not m.consume_token(t):
+            return "rejected"
+    return "accepting" if m.is_accepting() else "open"
+
+
+CALL_ADD = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+CALL_OSLO = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+
+
+@needs_model
+def test_auto_grammar_is_free_until_a_call_starts(small_lm):
+    # tool_choice "auto": any text, but once the model writes the tag the call must be
+    # well-formed, of a listed function, and only calls (or the end) may follow it
+    g, one = spec("auto").lazy_grammar(), spec("auto", parallel=False).lazy_grammar()
+    assert spec("auto").constraint(None) == g and spec("auto").constraint("x") == "x"
+    assert spec("none").constraint(None) is None
+    for text, many, single in [
+        ("It is sunny. <tool_response> is a tag, <tool_call is not one yet", "accepting", "accepting"),
+        ("Let me add. <tool_call>", "open", "open"),  # a call has started: it must be finished
+        ("Hi.", "accepting", "accepting"),
+        ("Let me add. " + CALL_ADD, "accepting", "accepting"),
+        (CALL_ADD + CALL_OSLO, "accepting", "rejected"),  # a second call: parallel only
+        ('<tool_call>\n{"name": "sub", "arguments": {}}', "rejected", "rejected"),  # unknown function
+        ('<tool_call>\n{"name": "add", "arguments": {"a": "one"', "rejected", "rejected"),  # schema
+        (CALL_ADD + " and more words", "rejected", "rejected"),
+    ]:
+        assert _matcher_verdict(small_lm, g, text) == many, text
+        assert _matcher_verdict(small_lm, one, text) == single, text
+
+
+@needs_model
+def test_auto_grammar_makes_a_started_call_valid(small_lm):
+    # The small model does not start calls by itself; here its answer is made to begin
+    # with the tag, then it writes on greedily, with the auto grammar and without: with it
+    # the block is one valid call, without it this model's block does not parse.
+    from luthier.generate import generate_stream
+    from luthier.grammar import GrammarSampler
+    from luthier.sample import Sampler
+    from luthier.tools import encode
+
+    sp = spec("auto", parallel=False)
+    head = small_lm.tokenizer.encode(OPEN, add_bos=False)
+    prompt = encode(small_lm.tokenizer, ASK, sp) + head
+    texts = {}
+    for constrained in (True, False):
+        sampler = Sampler(temperature=0)
+        if constrained:
+            sampler = GrammarSampler(sampler, small_lm, sp.constraint(None))
+            for t in head:  # the grammar has seen the answer so far
+                assert sampler.matcher.consume_token(t)
+        texts[constrained] = OPEN + "".join(
+            c.text for c in generate_stream(small_lm, prompt, max_tokens=80, sampler=sampler))
+    content, calls = parse(texts[True], sp)
+    assert content is None and len(calls) == 1, texts[True]
+    args = json.loads(calls[0]["function"]["arguments"])
+    if calls[0]["function"]["name"] == "add":
+        assert set(args) == {"a", "b"} and all(isinstance(v, int) for v in args.values())
+    else:
+        assert calls[0]["function"]["name"] == "get_weather" and isinstance(args["city"], str)
+        assert set(args) <= {"city", "unit"} and len(args["city"]) <= 24
+    assert parse(texts[False], sp)[1] == [], texts[False]
+
+
 @needs_model
 def test_prompts_for_generic_and_tool_aware_templates(tmp_path):
     from luthier.tokenizer import Tokenizer

@@ -20,9 +20,10 @@ How the tools reach the prompt depends on the chat template:
 tool_choice "required" or a named function constrains the output with a grammar
 (grammar.py, llguidance): one or more blocks whose JSON is a call of a listed function
 with arguments matching its parameters' schema. "auto" (the default) leaves the model
-free and parses what it wrote: blocks that do not parse, or name an unknown function,
-are returned as content, as vLLM's Hermes parser does. "none" shows no tools and parses
-nothing.
+free until it writes "<tool_call>" (a lazy grammar, as llama.cpp's trigger words): what
+follows must then be such a call. Its output is parsed: blocks that do not parse (cut
+by max_tokens), or come with response_format's own grammar, are returned as content, as
+vLLM's Hermes parser does. "none" shows no tools and parses nothing.
 """
 
 from __future__ import annotations
@@ -67,27 +68,47 @@ class ToolSpec:
     def forced(self) -> bool:
         return self.choice not in ("auto", "none")
 
-    def grammar(self) -> str:
-        """The llguidance grammar of the calls `choice` allows (required or named)."""
+    def _body(self) -> str:
+        """The Lark rule `body`: the JSON of one call of a function `choice` allows."""
         fns = [t["function"] for t in self.tools
-               if self.choice == "required" or t["function"]["name"] == self.choice]
+               if self.choice in ("auto", "required") or t["function"]["name"] == self.choice]
         alts = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
                  "properties": {"name": {"const": f["name"]}, "arguments": closed_objects(f["parameters"])}}
                 for f in fns]
         schema = dict(alts[0]) if len(alts) == 1 else {"anyOf": alts}
         schema["x-guidance"] = JSON_OPTIONS
+        return f"body: %json {json.dumps(schema)}\n"
+
+    def grammar(self) -> str:
+        """The llguidance grammar of the calls `choice` allows (required or named)."""
         # no separator between calls: after "</tool_call>" a model trained on turn
         # markers ends its turn, where a newline invited it to call again (and again)
         more = "+" if self.parallel and self.choice == "required" else ""
         lark = (f"start: call{more}\n"
-                f'call: "{OPEN}\\n" body "\\n{CLOSE}"\n'
-                f"body: %json {json.dumps(schema)}\n")
+                f'call: "{OPEN}\\n" body "\\n{CLOSE}"\n' + self._body())
+        return validated(_llg().LLMatcher.grammar_from_lark(lark), "tools", "the tools' parameter schemas")
+
+    def lazy_grammar(self) -> str:
+        """tool_choice "auto": the model writes freely until it writes the opening tag;
+        from there on what follows must be a call of a listed function (then more calls,
+        if parallel, or the end). llama.cpp's lazy grammars do this with trigger words;
+        here one llguidance grammar: the free text is either the whole answer (PROSE) or a
+        lexeme that ends where the model writes the tag (`stop`)."""
+        more = f' ("{OPEN}" call)*' if self.parallel else ""
+        lark = (f"start: PROSE | prose call{more}\n"
+                "PROSE: /(.|\\n)*/\n"
+                f'prose[stop="{OPEN}"]: /(.|\\n)*/\n'
+                f'call: "\\n" body "\\n{CLOSE}"\n' + self._body())
         return validated(_llg().LLMatcher.grammar_from_lark(lark), "tools", "the tools' parameter schemas")
 
     def constraint(self, grammar: str | None) -> str | None:
         """The grammar a request runs under: the calls' grammar when the choice forces a
-        call (it cannot be combined with another constraint), else `grammar` as it was."""
+        call (it cannot be combined with another constraint); with "auto" and no other
+        constraint, the lazy grammar (free text, or well-formed calls once one starts);
+        else `grammar` as it was."""
         if not self.forced:
+            if self.choice == "auto" and grammar is None:
+                return self.lazy_grammar()
             return grammar
         if grammar is not None:
             raise GrammarError("tool_choice", f"tool_choice {self.choice!r} constrains the output itself; "
