@@ -252,8 +252,10 @@ def cmd_bench(a) -> int:
 
     lm = _load(a)
     q = lm.quant  # a quantized file's own settings, else the options
+    from . import kernels
+
     print(f"# {os.path.basename(lm.path)}  bits={q.bits} group={q.group_label} "
-          f"head_bits={q.head_bits} mode={q.mode} threads={lm.n_threads}")
+          f"head_bits={q.head_bits} mode={q.mode} threads={lm.n_threads} kernels={kernels.active_isa()}")
     print(f"# load {lm.load_seconds:.2f} s, quantize {lm.quantize_seconds:.2f} s, "
           f"linear weights {lm.linear_bytes / 1e6:.1f} MB")
     model = lm.model
