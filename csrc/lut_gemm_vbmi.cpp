@@ -30,6 +30,7 @@
 #include <algorithm>
 
 #include "lut_gemm.h"
+#include "lut_gemm_zmm.h"
 
 #ifndef LUTHIER_PREFETCH
 #define LUTHIER_PREFETCH 2048
@@ -161,25 +162,12 @@ void tile_tokens(const GemmArgs& a, int64_t t, int64_t mi) {
       const __m512 s = load_rows(a.s + so, sidx[e]);
       const __m512 coef = a.z ? _mm512_sub_ps(_mm512_set1_ps(cb), load_rows(a.z + so, sidx[e]))
                               : _mm512_set1_ps(cb - a.zero_const);
-      for (int u = 0; u < NT; ++u) {
-        const __m512 vts = _mm512_set1_ps(0.5f * a.tscale[(mi + u) * ps.groups + g]);
-        const __m512 vsx = _mm512_set1_ps(a.xsum[(mi + u) * ps.groups + g]);
-        const __m512 inner = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[u][e]), vts, _mm512_mul_ps(coef, vsx));
-        y[u][e] = _mm512_fmadd_ps(s, inner, y[u][e]);
-      }
+      scale_rows<NT>(a, mi, g, e, s, coef, acc, y);
     }
   }
   const __m512i rows_a = _mm512_load_si512(kOrder.ry[0]);
   const __m512i rows_b = _mm512_load_si512(kOrder.ry[1]);
-  const int64_t r0 = t * kNR;
-  const int64_t left = ps.n - r0;
-  const __mmask16 ma = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-  const __mmask16 mb = left >= 32 ? __mmask16(0xFFFF) : left <= 16 ? __mmask16(0) : __mmask16((1u << (left - 16)) - 1);
-  for (int u = 0; u < NT; ++u) {
-    float* yr = a.y + (mi + u) * a.ldy + r0;  // token mi + u, rows [r0, r0 + 32)
-    _mm512_mask_storeu_ps(yr, ma, _mm512_permutex2var_ps(y[u][0], rows_a, y[u][1]));
-    _mm512_mask_storeu_ps(yr + 16, mb, _mm512_permutex2var_ps(y[u][0], rows_b, y[u][1]));
-  }
+  store_rows<NT>(a, t, mi, y, rows_a, rows_b);
 }
 
 template <int B, bool EXACT>
