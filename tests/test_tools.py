@@ -113,6 +113,46 @@ def test_forced_grammars_compile_and_differ():
     assert isinstance(spec("required", tools=[odd]).grammar(), str)
 
 
+def gather(deltas) -> list[tuple[str, str, str]]:
+    """Streamed tool_calls deltas (dicts) joined per index, as clients do: (id, name, arguments)."""
+    calls: dict[int, list[str]] = {}
+    for d in deltas:
+        f = d.get("function", {})
+        c = calls.setdefault(d["index"], [d.get("id", ""), f.get("name", ""), ""])
+        c[2] += f.get("arguments", "")
+    return [tuple(calls[k]) for k in sorted(calls)]
+
+
+@pytest.mark.parametrize("step", [1, 3, 200])
+def test_constrained_calls_stream_as_they_are_written(step):
+    # with the spec's grammar on (constraint() was taken), each call streams as OpenAI
+    # streams them: id and name first, then pieces of the arguments, joined by the client
+    s = spec()
+    assert s.constraint(None) is not None and s.constrained
+    text = ('Sure.\n' + '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "S\\"{a}[o]", "unit": "celsius"}}\n</tool_call>')
+    ts = ToolStream(s)
+    deltas = [d for i in range(0, len(text), step) for d in ts.deltas(text[i:i + step])]
+    tail, finish = ts.final_deltas("stop")
+    deltas += tail
+    assert finish == "tool_calls" and "".join(d.get("content", "") for d in deltas) == "Sure.\n"
+    calls = [t for d in deltas for t in d.get("tool_calls", [])]
+    got = gather(calls)
+    assert [(n, json.loads(a)) for _, n, a in got] == [("add", {"a": 1, "b": 2}),
+                                                       ("get_weather", {"city": 'S"{a}[o]', "unit": "celsius"})]
+    assert all(i.startswith("call_") for i, _, _ in got) and got[0][0] != got[1][0]
+    firsts = [c for c in calls if "id" in c]
+    assert [c["function"]["arguments"] for c in firsts] == ["", ""]  # the name comes before its arguments
+    if step == 1:  # written a character at a time, the arguments come in many pieces
+        assert len(calls) > 20
+    s = spec()  # cut by max_tokens inside the arguments: what came stays, finish "length"
+    s.constraint(None)
+    ts = ToolStream(s)
+    part = [d for d in ts.deltas('<tool_call>\n{"name": "add", "arguments": {"a": 1')]
+    tail, finish = ts.final_deltas("length")
+    assert finish == "length" and gather([t for d in part + tail for t in d["tool_calls"]])[0][1:] == ("add", '{"a": 1')
+
+
 @pytest.fixture(scope="module")
 def small_lm():
     from luthier import Llama
@@ -248,10 +288,11 @@ def test_server_required_named_and_streamed_calls(client):
     for c in stream:
         d = c.choices[0].delta
         assert not d.content  # a forced answer has no content to stream
-        deltas += d.tool_calls or []
+        deltas += [t.model_dump(exclude_none=True) for t in d.tool_calls or []]
         finish = c.choices[0].finish_reason or finish
-    assert finish == "tool_calls" and [d.index for d in deltas] == list(range(len(calls)))
-    assert [(d.function.name, json.loads(d.function.arguments)) for d in deltas] == calls  # greedy: same calls
+    got = gather(deltas)  # each call in pieces, as they were written
+    assert finish == "tool_calls" and len(deltas) > len(calls)
+    assert [(n, json.loads(a)) for _, n, a in got] == calls  # greedy: same calls
     r = client.chat.completions.create(model="default", messages=ASK, tools=TOOLS, temperature=0, max_tokens=96,
                                        tool_choice={"type": "function", "function": {"name": "add"}})
     (name, args), = _calls(r.choices[0].message)
@@ -298,8 +339,10 @@ def test_llama_api_tool_calls():
     assert names and set(names) <= {"get_weather", "add"}
     chunks = list(llm.create_chat_completion(ASK, tools=TOOLS, tool_choice="required", temperature=0,
                                              max_tokens=96, stream=True))
-    streamed = [d for c in chunks for d in c["choices"][0]["delta"].get("tool_calls", [])]
-    assert [d["function"]["name"] for d in streamed] == names
+    streamed = gather(d for c in chunks for d in c["choices"][0]["delta"].get("tool_calls", []))
+    assert [n for _, n, _ in streamed] == names
+    assert [json.loads(a) for _, _, a in streamed] == [json.loads(c["function"]["arguments"])
+                                                       for c in ch["message"]["tool_calls"]]
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
     with pytest.raises(ValueError):
         llm.create_chat_completion(ASK, tools=TOOLS, tool_choice="required", grammar='root ::= "x"')

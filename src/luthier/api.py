@@ -191,11 +191,10 @@ class Llama:
         if stream:
             def gen() -> Iterator[dict]:
                 yield chunk({"role": "assistant"}, None)
-                held = ToolStream(spec)  # tool calls come whole when the answer ends
+                held = ToolStream(spec)  # tool calls as they are written, or whole at the end
                 for ch in self._stream(ids, max_tokens, stop, sampler):
-                    text = held.feed(ch.text)
-                    if text:
-                        yield chunk({"content": text}, None)
+                    for delta in held.deltas(ch.text):
+                        yield chunk(delta, None)
                     if ch.finish_reason:
                         deltas, finish = held.final_deltas(ch.finish_reason)
                         for delta in deltas:

@@ -364,14 +364,17 @@ class Server:
 
         for j in range(p.n):
             yield chunk({"role": "assistant", "content": ""}, index=j)
-        # tool calls are held back until their choice ends, then sent whole, one delta each
+        # tool calls stream as they are written when a grammar checks them (tools.ToolStream);
+        # otherwise they are held back until their choice ends, then sent whole
         streams = [tools.ToolStream(spec) for _ in range(p.n)]
         ctoks = cached = 0
         async for d in self.events(job, None):
             lp = chat_logprobs(self.tok, d.tokens) if p.logprobs is not None else None
-            text = streams[d.index].feed(d.text)
-            if text or d.tokens:
-                yield chunk({"content": text}, None, lp, d.index)
+            deltas = streams[d.index].deltas(d.text)
+            if not deltas and d.tokens:
+                deltas = [{"content": ""}]
+            for k, delta in enumerate(deltas):  # the step's logprobs go with its first delta
+                yield chunk(delta, None, lp if k == 0 else None, d.index)
             if d.finish_reason:
                 ctoks += d.completion_tokens
                 cached = d.cached_tokens if d.index == 0 else cached

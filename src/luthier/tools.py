@@ -59,6 +59,7 @@ class ToolSpec:
     tools: list[dict]  # [{"type": "function", "function": {"name", "description"?, "parameters"}}]
     choice: str = "auto"
     parallel: bool = True
+    constrained: bool = False  # set by constraint(): the calls run under this spec's grammar
 
     @property
     def names(self) -> set[str]:
@@ -108,11 +109,13 @@ class ToolSpec:
         else `grammar` as it was."""
         if not self.forced:
             if self.choice == "auto" and grammar is None:
+                self.constrained = True
                 return self.lazy_grammar()
             return grammar
         if grammar is not None:
             raise GrammarError("tool_choice", f"tool_choice {self.choice!r} constrains the output itself; "
                                               "it cannot be combined with response_format or a grammar")
+        self.constrained = True
         return self.grammar()
 
 
@@ -296,15 +299,29 @@ def parse(text: str, spec: ToolSpec | None) -> tuple[str | None, list[dict]]:
     return (text[:start].strip() or None), calls
 
 
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]*)"\s*,\s*"arguments"\s*:\s*')  # a call's JSON up to its arguments
+
+
 class ToolStream:
     """Streams an answer's content while holding back its tool calls: `feed` returns the
     text that is surely content (a tail that may begin "<tool_call>" waits), `finish`
-    returns (the rest of the content, the calls)."""
+    returns (the rest of the content, the calls).
+
+    `deltas` gives the same as OpenAI chunk deltas. When the spec's grammar checks the
+    calls as they are written (spec.constrained: forced or auto), each call streams as it
+    comes, as OpenAI streams them: a first delta with its index, id and name once the name
+    is written, then pieces of its arguments' JSON. Otherwise the calls wait for the end
+    (`final_deltas`), when they can still be parsed or given back as content."""
 
     def __init__(self, spec: ToolSpec | None):
         self.spec = spec
         self.held = ""  # a tail that is a prefix of OPEN
         self.calls: str | None = None  # the text from the first OPEN on
+        self.live = spec is not None and spec.constrained and spec.choice != "none"
+        # live scan of self.calls: position, calls begun, their phase ("head": before the
+        # arguments, "args": in them, "tail": after them) and the JSON scanner's state
+        self.pos, self.begun, self.phase = 0, 0, "tail"
+        self.depth, self.in_str, self.esc = 0, False, False
 
     def feed(self, text: str) -> str:
         if self.spec is None or self.spec.choice == "none":
@@ -321,6 +338,49 @@ class ToolStream:
         self.held = s[len(s) - k:]
         return s[: len(s) - k]
 
+    def deltas(self, text: str) -> list[dict]:
+        """feed(text) as chunk deltas: its content, then (live) the calls' progress."""
+        content = self.feed(text)
+        out = [{"content": content}] if content else []
+        return out + self._scan() if self.live and self.calls is not None else out
+
+    def _scan(self) -> list[dict]:
+        """Deltas for what self.calls gained since the last scan (live mode)."""
+        out, c = [], self.calls
+        while True:
+            if self.phase == "tail":  # wait for the next call's tag
+                i = c.find(OPEN, self.pos)
+                if i < 0:
+                    return out
+                self.pos, self.phase = i + len(OPEN), "head"
+            if self.phase == "head":  # wait for the name; then the first delta of the call
+                m = _HEAD.match(c, self.pos)
+                if m is None:
+                    return out
+                self.pos, self.phase = m.end(), "args"
+                self.depth, self.in_str, self.esc = 0, False, False
+                out.append({"tool_calls": [{"index": self.begun, "id": new_call_id(), "type": "function",
+                                            "function": {"name": m.group(1), "arguments": ""}}]})
+                self.begun += 1
+            start = self.pos  # phase "args": the arguments' JSON up to its closing bracket
+            while self.pos < len(c) and self.phase == "args":
+                ch = c[self.pos]
+                self.pos += 1
+                if self.in_str:
+                    self.esc, self.in_str = (False, True) if self.esc else (ch == "\\", ch != '"')
+                elif ch == '"':
+                    self.in_str = True
+                elif ch in "{[":
+                    self.depth += 1
+                elif ch in "}]":
+                    self.depth -= 1
+                    if self.depth == 0:
+                        self.phase = "tail"
+            if self.pos > start:
+                out.append({"tool_calls": [{"index": self.begun - 1, "function": {"arguments": c[start:self.pos]}}]})
+            if self.phase == "args":
+                return out
+
     def finish(self) -> tuple[str, list[dict]]:
         if self.calls is None:
             out, self.held = self.held, ""
@@ -329,8 +389,12 @@ class ToolStream:
         return ("", calls) if calls else (self.calls, [])
 
     def final_deltas(self, finish_reason: str) -> tuple[list[dict], str]:
-        """The OpenAI chunk deltas that end a streamed choice: the rest of the content, then
-        one `tool_calls` delta per call; and the finish reason ("tool_calls" if any)."""
+        """The OpenAI chunk deltas that end a streamed choice and its finish reason: the
+        rest of the content, then one `tool_calls` delta per call not streamed yet;
+        "tool_calls" if the answer's calls are all complete."""
+        out = self._scan() if self.live and self.calls is not None else []
+        if self.begun:  # streamed as they came; complete unless cut inside the arguments
+            return out, "tool_calls" if self.phase == "tail" else finish_reason
         rest, calls = self.finish()
         deltas = [{"content": rest}] if rest else []
         deltas += [{"tool_calls": [dict(c, index=k)]} for k, c in enumerate(calls)]
