@@ -91,6 +91,25 @@ def test_errors_are_ollama_shaped(oc, server):
         assert r.status_code == 400 and set(r.json()) == {"error"} and r.json()["error"], (path, body, r.text)
 
 
+def test_pull_of_the_served_model_and_model_management(oc, server):
+    # `ollama pull` of the model being served succeeds (it is here); anything else is a
+    # clear error in Ollama's shape, never a 404 of an unknown route or a 5xx
+    mid = server.server_state.model_id
+    assert oc.pull(mid + ":latest").status == "success"
+    assert [p.status for p in oc.pull("default", stream=True)][-1] == "success"
+    with pytest.raises(ollama.ResponseError) as e:
+        oc.pull("llama3:8b")
+    assert e.value.status_code == 404 and "llama3:8b" in e.value.error
+    for call in (lambda: oc.delete(mid), lambda: oc.copy(mid, "other"), lambda: oc.push(mid),
+                 lambda: oc.create("other", from_=mid)):
+        with pytest.raises(ollama.ResponseError) as e:
+            call()
+        assert e.value.status_code == 400 and "not supported" in e.value.error
+    r = post(server, "/api/pull", {"model": mid, "stream": "yes"}, headers=AUTH)
+    assert r.status_code == 400 and r.json() == {"error": "'stream' must be a boolean"}
+    assert post(server, "/api/pull", {"model": mid}, headers={}).status_code == 401  # the API key guards it too
+
+
 _json = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=12)),
     lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=6), c, max_size=3)),

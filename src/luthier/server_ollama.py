@@ -142,6 +142,34 @@ class Ollama:
         if not isinstance(m, str) or m not in (mid, f"{mid}:latest", "default"):
             raise APIError(404, f"model '{str(m)[:200]}' not found; this server serves '{mid}'", param="model")
 
+    async def pull(self, request: Request) -> Response:
+        """/api/pull of the served model succeeds at once (it is here already, as `ollama
+        pull` of a present model); any other name is 404: this server runs one local model
+        and fetches nothing."""
+        self.srv.check_auth(request)
+        body = await self.srv.read_json(request)
+        name = body.get("model", body.get("name"))  # "name" is the older spelling
+        if name is None:
+            raise APIError(400, "'model' is required", param="model")
+        self._check_model({"model": name})
+        stream = body.get("stream", True)
+        if not isinstance(stream, bool):
+            raise APIError(400, "'stream' must be a boolean", param="stream")
+        if not stream:
+            return _json({"status": "success"})
+        lines = ({"status": "pulling manifest"}, {"status": "success"})
+        return Response("".join(json.dumps(x) + "\n" for x in lines), media_type="application/x-ndjson")
+
+    def refuse(self, op: str):
+        """/api/create, /api/copy, /api/delete, /api/push: a clear 400 (this server runs the one
+        model it was started with), not the 404 of an unknown route."""
+        async def handler(request: Request) -> Response:
+            self.srv.check_auth(request)
+            raise APIError(400, f"luthier serve runs the one model it was started with "
+                                f"('{self.srv.model_id}'): /api/{op} is not supported")
+
+        return handler
+
     async def version(self, request: Request) -> Response:
         return _json({"version": OLLAMA_VERSION})
 
@@ -341,4 +369,7 @@ def ollama_routes(srv) -> list[Route]:
             Route("/api/generate", _endpoint(o.generate), methods=["POST"]),
             Route("/api/chat", _endpoint(o.chat), methods=["POST"]),
             Route("/api/embed", _endpoint(lambda r: _embed(o, r, False)), methods=["POST"]),
-            Route("/api/embeddings", _endpoint(lambda r: _embed(o, r, True)), methods=["POST"])]
+            Route("/api/embeddings", _endpoint(lambda r: _embed(o, r, True)), methods=["POST"]),
+            Route("/api/pull", _endpoint(o.pull), methods=["POST"])] + [
+            Route(f"/api/{op}", _endpoint(o.refuse(op)), methods=[method])
+            for op, method in (("create", "POST"), ("copy", "POST"), ("push", "POST"), ("delete", "DELETE"))]
