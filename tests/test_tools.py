@@ -199,6 +199,31 @@ def test_auto_grammar_is_free_until_a_call_starts(small_lm):
 
 
 @needs_model
+def test_auto_grammar_computes_no_masks_before_a_call(small_lm):
+    # the lazy grammar's free text is drawn from the unmasked logits: the same greedy
+    # tokens as with a mask at every step, without computing one
+    from luthier.generate import generate_stream
+    from luthier.grammar import GrammarSampler, LazyGrammar
+    from luthier.sample import Sampler
+    from luthier.tools import encode
+
+    sp = spec("auto")
+    lazy = sp.constraint(None)
+    assert isinstance(lazy, LazyGrammar) and lazy.trigger == OPEN
+    prompt = encode(small_lm.tokenizer, ASK, sp)
+    texts, masks = {}, {}
+    for name, g in (("lazy", lazy), ("masked", str(lazy))):
+        sampler = GrammarSampler(Sampler(temperature=0), small_lm, g)
+        calls = []
+        inner = sampler.allowed
+        sampler.allowed = lambda: calls.append(1) or inner()
+        texts[name] = "".join(c.text for c in generate_stream(small_lm, prompt, max_tokens=24, sampler=sampler))
+        masks[name] = len(calls)
+    assert OPEN not in texts["lazy"] and texts["lazy"] == texts["masked"]
+    assert masks["lazy"] == 0 and masks["masked"] >= 20
+
+
+@needs_model
 def test_auto_grammar_makes_a_started_call_valid(small_lm):
     # The small model does not start calls by itself; here its answer is made to begin
     # with the tag, then it writes on greedily, with the auto grammar and without: with it

@@ -34,7 +34,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .grammar import JSON_OPTIONS, GrammarError, _llg, closed_objects, validated
+from .grammar import JSON_OPTIONS, GrammarError, LazyGrammar, _llg, closed_objects, validated
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 MAX_TOOLS = 128
@@ -100,7 +100,8 @@ class ToolSpec:
                 "PROSE: /(.|\\n)*/\n"
                 f'prose[stop="{OPEN}"]: /(.|\\n)*/\n'
                 f'call: "\\n" body "\\n{CLOSE}"\n' + self._body())
-        return validated(_llg().LLMatcher.grammar_from_lark(lark), "tools", "the tools' parameter schemas")
+        return LazyGrammar(validated(_llg().LLMatcher.grammar_from_lark(lark), "tools",
+                                     "the tools' parameter schemas"), OPEN)
 
     def constraint(self, grammar: str | None) -> str | None:
         """The grammar a request runs under: the calls' grammar when the choice forces a
