@@ -200,7 +200,8 @@ class GrammarSampler:
     the grammar until a trigger word); only a refused one is drawn again among the allowed
     tokens. Greedy picks the same token either way; a draw is from the masked distribution
     too (P(t) + (1 - Z) P(t) / Z = P(t) / Z, Z the allowed mass), up to top-k/top-p cutting
-    at other places. Free text then costs no mask (~0.25-0.5 ms a token on SmolLM2)."""
+    at other places. Free text then costs a 4 us check a token instead of a mask (~36 us
+    to compute on SmolLM2's vocabulary, more to apply)."""
 
     def __init__(self, inner, lm, grammar: str):
         llg = _llg()
