@@ -494,3 +494,18 @@ def test_fuzzed_bodies_never_5xx(server, req):
         assert events and not any("error" in e for e in events)
     else:
         assert r.json()["choices"]
+
+
+def test_the_grammar_vocabulary_is_built_when_the_server_starts():
+    # the first request with tools or a schema must not wait ~0.3-0.5 s for llguidance's
+    # view of the vocabulary: the server builds it as it starts, before any request
+    from luthier.engine import QuantConfig, load_model
+    from luthier.server import BackgroundServer
+
+    lm = load_model(None, QuantConfig(bits=4, group_size=128), n_threads=1, ctx=128)
+    assert getattr(lm, "_llg_tokenizer", None) is None
+    with BackgroundServer(lm):
+        deadline = time.time() + 30
+        while getattr(lm, "_llg_tokenizer", None) is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert lm._llg_tokenizer is not None

@@ -12,6 +12,7 @@ import contextlib
 import hmac
 import json
 import os
+import threading
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable
@@ -486,6 +487,15 @@ def chat_page_endpoint():
     return chat_page
 
 
+def _warm_grammar(lm) -> None:
+    from .grammar import GrammarError, llg_tokenizer
+
+    try:
+        llg_tokenizer(lm)
+    except GrammarError:  # no llguidance: structured output answers a clear error instead
+        pass
+
+
 def make_app(lm, model_id: str | None = None, api_key: str | None = None, max_queue: int = 64,
              max_body_bytes: int = MAX_BODY_BYTES, batch_tokens: int | None = None,
              cache_tokens: int | None = None, lookup=None) -> Starlette:
@@ -498,6 +508,9 @@ def make_app(lm, model_id: str | None = None, api_key: str | None = None, max_qu
     @contextlib.asynccontextmanager
     async def lifespan(app):
         srv.worker.start()
+        # llguidance's view of the vocabulary takes ~0.3-0.5 s to build: build it now, beside
+        # the first requests, so the first one with tools or a schema does not wait for it
+        threading.Thread(target=_warm_grammar, args=(lm,), name="luthier-grammar-warmup", daemon=True).start()
         try:
             yield
         finally:
