@@ -55,6 +55,12 @@ constexpr int kMaxBits = 6;      // widest codes: 6 planes (7 would overflow the
 constexpr int kG = 4;            // activations per table
 constexpr int kTableBytes = 16;  // entries per table
 
+// Bytes ahead of the weight stream that the SIMD kernels prefetch into L1 (override with
+// -DLUTHIER_PREFETCH=N to tune)
+#ifndef LUTHIER_PREFETCH
+#define LUTHIER_PREFETCH 2048
+#endif
+
 enum class TableMode : int { kFast = 0, kExact = 1 };
 
 // Row (within a tile) of scale slot v * 8 + d: the kernels widen int16 accumulators of

@@ -18,10 +18,6 @@
 
 #include "lut_gemm.h"
 
-#ifndef LUTHIER_PREFETCH
-#define LUTHIER_PREFETCH 2048
-#endif
-
 namespace luthier {
 namespace {
 

@@ -20,9 +20,6 @@
 #include "lut_gemm.h"
 #include "lut_gemm_zmm.h"
 
-#ifndef LUTHIER_PREFETCH
-#define LUTHIER_PREFETCH 2048
-#endif
 #ifndef LUTHIER_PREFETCH_L2
 #define LUTHIER_PREFETCH_L2 16384
 #endif

@@ -28,10 +28,6 @@
 #include "dispatch.h"
 #include "lut_gemm.h"
 
-#ifndef LUTHIER_PREFETCH
-#define LUTHIER_PREFETCH 2048
-#endif
-
 namespace luthier {
 namespace {
 

@@ -32,10 +32,6 @@
 #include "lut_gemm.h"
 #include "lut_gemm_zmm.h"
 
-#ifndef LUTHIER_PREFETCH
-#define LUTHIER_PREFETCH 2048
-#endif
-
 namespace luthier {
 namespace {
 

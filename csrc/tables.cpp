@@ -31,6 +31,12 @@ TableShape table_shape(int64_t m, int64_t k, int group_size, TableMode mode) {
 
 namespace {
 
+// The sum of 8 partial sums in one fixed order (the same bits on every ISA and batch).
+template <typename T>
+inline T sum8(const T (&s)[8]) {
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
 // The 8 independent entries c = 0..7 of T[c] = sum_t (2 bit_t(c) - 1) x_t; bit 3 is clear,
 // so x3 enters with -1. The other 8 are T[15 - c] = -T[c] (symmetry).
 template <typename V>
@@ -59,7 +65,7 @@ void group_tables(TableMode mode, const float* xg, int64_t gsp, uint8_t* out, fl
       }
     }
     const float amax = std::max(am[0], am[1]);
-    const float sum = ((s8[0] + s8[1]) + (s8[2] + s8[3])) + ((s8[4] + s8[5]) + (s8[6] + s8[7]));
+    const float sum = sum8(s8);
     const float sc = amax > 0.f ? amax / 127.f : 1.f;
     const float inv = 1.f / sc;
     *tscale = sc;
@@ -129,7 +135,7 @@ void build_tables(const TableShape& ts, const float* x, int64_t ldx, const float
       for (; i + 8 <= ts.k; i += 8)
         for (int l = 0; l < 8; ++l) s8[l] += double(xr[i + l]) * xr[i + l];
       for (; i < ts.k; ++i) s8[i % 8] += double(xr[i]) * xr[i];
-      const double ss = ((s8[0] + s8[1]) + (s8[2] + s8[3])) + ((s8[4] + s8[5]) + (s8[6] + s8[7]));
+      const double ss = sum8(s8);
       rnorm = float(1.0 / std::sqrt(ss / double(ts.k) + double(eps)));
     }
     for (int64_t g = 0; g < ts.groups; ++g) {

@@ -318,7 +318,7 @@ class ToolStream:
         self.spec = spec
         self.held = ""  # a tail that is a prefix of OPEN
         self.calls: str | None = None  # the text from the first OPEN on
-        self.live = spec is not None and spec.constrained and spec.choice != "none"
+        self.live = spec is not None and spec.constrained  # never for "none" (no grammar)
         # live scan of self.calls: position, calls begun, their phase ("head": before the
         # arguments, "args": in them, "tail": after them) and the JSON scanner's state
         self.pos, self.begun, self.phase = 0, 0, "tail"
