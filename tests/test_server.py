@@ -509,3 +509,19 @@ def test_the_grammar_vocabulary_is_built_when_the_server_starts():
         while getattr(lm, "_llg_tokenizer", None) is None and time.time() < deadline:
             time.sleep(0.05)
         assert lm._llg_tokenizer is not None
+
+
+def test_streamed_records_stay_one_line_for_any_line_splitter(server):
+    # U+0085, U+2028 and U+2029 are line breaks to str.splitlines() (and to some NDJSON and
+    # SSE readers) but JSON leaves them raw: the servers escape them, so every streamed
+    # record (SSE here, Ollama's NDJSON through the same json_line) is one line
+    from luthier.server_protocol import json_line
+
+    odd = "a\u2028b\u0085c\u2029d"
+    assert json_line({"t": odd}).splitlines() == [json_line({"t": odd})]
+    assert json.loads(json_line({"t": odd})) == {"t": odd}
+    r = post(server, "/v1/completions", {"model": "default", "prompt": odd, "max_tokens": 1, "echo": True,
+                                         "stream": True, "temperature": 0})
+    assert r.status_code == 200
+    events = [json.loads(ln[6:]) for ln in r.text.splitlines() if ln.startswith("data: {")]
+    assert "".join(e["choices"][0]["text"] for e in events if e["choices"]).startswith(odd)

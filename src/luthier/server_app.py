@@ -26,8 +26,8 @@ from starlette.routing import Route
 
 from . import __version__, tools
 from .server_protocol import (MAX_BODY_BYTES, APIError, GenParams, chat_logprobs, check_model,
-                              check_strings, completion_logprobs, error_body, parse_chat,
-                              parse_completion, usage)
+                              check_strings, completion_logprobs, error_body, json_line,
+                              parse_chat, parse_completion, usage)
 from .grammar import llg_tokenizer
 from .server_ollama import ollama_routes
 from .server_worker import Delta, GenJob, JobFailed, Worker
@@ -38,7 +38,7 @@ MAX_EMBED_INPUTS = 256  # inputs per /v1/embeddings or /api/embed request
 
 
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return json_line(obj, separators=(",", ":"), allow_nan=False)
 
 
 def json_response(obj: Any, status: int = 200, headers: dict | None = None) -> Response:

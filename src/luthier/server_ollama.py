@@ -33,7 +33,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from . import tools
-from .server_protocol import APIError, parse_chat, parse_completion
+from .server_protocol import APIError, json_line, parse_chat, parse_completion
 
 # The Ollama API version whose shapes these endpoints follow (clients gate features on it)
 OLLAMA_VERSION = "0.12.0"
@@ -48,7 +48,7 @@ def _now() -> str:
 
 
 def _json(obj: Any, status: int = 200) -> Response:
-    return Response(json.dumps(obj, ensure_ascii=False), status, media_type="application/json")
+    return Response(json_line(obj), status, media_type="application/json")
 
 
 def _params(body: dict) -> dict:
@@ -158,7 +158,7 @@ class Ollama:
         if not stream:
             return _json({"status": "success"})
         lines = ({"status": "pulling manifest"}, {"status": "success"})
-        return Response("".join(json.dumps(x) + "\n" for x in lines), media_type="application/x-ndjson")
+        return Response("".join(json_line(x) + "\n" for x in lines), media_type="application/x-ndjson")
 
     def refuse(self, op: str):
         """/api/create, /api/copy, /api/delete, /api/push: a clear 400 (this server runs the one
@@ -299,9 +299,9 @@ class Ollama:
             async def lines() -> AsyncIterator[str]:
                 try:
                     async for c in pieces():
-                        yield json.dumps(c, ensure_ascii=False) + "\n"
+                        yield json_line(c) + "\n"
                 except APIError as e:
-                    yield json.dumps({"error": e.message}) + "\n"
+                    yield json_line({"error": e.message}) + "\n"
 
             return StreamingResponse(lines(), media_type="application/x-ndjson")
         text, calls, last = [], [], None
@@ -354,7 +354,7 @@ def _endpoint(fn):
         try:
             return await fn(request)
         except APIError as e:
-            return Response(json.dumps({"error": e.message}), e.status, e.headers or None,
+            return Response(json_line({"error": e.message}), e.status, e.headers or None,
                             media_type="application/json")
 
     return handler

@@ -7,6 +7,7 @@ Every check raises `APIError` with a 4xx status: nothing a client sends may beco
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,17 @@ MAX_MESSAGES = 4096
 MAX_LOGIT_BIAS = 1024
 MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+# Characters that JSON leaves unescaped but str.splitlines() and some NDJSON/SSE readers
+# take as line breaks: escaped, a streamed record stays one line for every reader
+_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def json_line(obj: Any, **kw: Any) -> str:
+    """json.dumps(obj, ensure_ascii=False, **kw) on one line for any line splitter (the
+    same JSON value: these characters only occur inside strings, where the escape means them)."""
+    return json.dumps(obj, ensure_ascii=False, **kw).translate(_LINE_BREAKS)
 
 
 class APIError(Exception):
