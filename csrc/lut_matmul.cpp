@@ -67,14 +67,18 @@ void lut_gemm(const PackedRef& pw, const TableShape& tsh, const uint8_t* tables,
 }
 
 void build_tables_mt(const TableShape& tsh, const float* x, const float* norm_w, float eps,
-                     uint8_t* tables, float* tscale, float* xsum, int n_threads) {
+                     uint8_t* tables, float* tscale, float* xsum, int n_threads,
+                     const RowFn* pre) {
   if (tsh.m == 1 || n_threads <= 1) {
+    if (pre)
+      for (int64_t mi = 0; mi < tsh.m; ++mi) (*pre)(mi);
     build_tables(tsh, x, tsh.k, norm_w, eps, tables, tscale, xsum);
     return;
   }
   TableShape one = tsh;
   one.m = 1;
   std::function<void(int64_t)> fn = [&](int64_t mi) {
+    if (pre) (*pre)(mi);
     build_tables(one, x + mi * tsh.k, tsh.k, norm_w, eps,
                  tables + size_t(mi) * tsh.bytes_per_token(), tscale + mi * tsh.groups,
                  xsum + mi * tsh.groups);
@@ -84,13 +88,14 @@ void build_tables_mt(const TableShape& tsh, const float* x, const float* norm_w,
 }
 
 void lut_linear(const PackedRef& pw, TableMode mode, const float* x, int64_t m,
-                const float* norm_w, float eps, float* y, int n_threads, const std::string& isa) {
-  lut_linear_multi(&pw, &y, 1, mode, x, m, norm_w, eps, n_threads, isa);
+                const float* norm_w, float eps, float* y, int n_threads, const std::string& isa,
+                const RowFn* pre) {
+  lut_linear_multi(&pw, &y, 1, mode, x, m, norm_w, eps, n_threads, isa, pre);
 }
 
 void lut_linear_multi(const PackedRef* pws, float* const* ys, int count, TableMode mode,
                       const float* x, int64_t m, const float* norm_w, float eps, int n_threads,
-                      const std::string& isa) {
+                      const std::string& isa, const RowFn* pre) {
   const PackedRef& pw = pws[0];
   const TableShape tsh = table_shape(m, pw.ps.k, pw.ps.group_size, mode);
   thread_local std::vector<uint8_t> tables;
@@ -98,7 +103,7 @@ void lut_linear_multi(const PackedRef* pws, float* const* ys, int count, TableMo
   tables.resize(size_t(m) * tsh.bytes_per_token());
   stats.resize(size_t(2 * m * tsh.groups));
   build_tables_mt(tsh, x, norm_w, eps, tables.data(), stats.data(),
-                  stats.data() + m * tsh.groups, n_threads);
+                  stats.data() + m * tsh.groups, n_threads, pre);
   lut_gemm_multi(pws, ys, count, tsh, tables.data(), stats.data(), stats.data() + m * tsh.groups,
                  n_threads, isa);
 }

@@ -93,13 +93,19 @@ class Decoder {
   int64_t length(int64_t slot = 0) const { return lengths_.at(size_t(slot)); }
 
  private:
-  void linear(const Linear& w, const float* x, int64_t m, float* y, const float* norm_w);
+  // pre: per-row work on x that must come first (see RowFn), fused into the table build
+  void linear(const Linear& w, const float* x, int64_t m, float* y, const float* norm_w,
+              const RowFn* pre = nullptr);
   void linears(const Linear* const* ws, float* const* ys, int count, const float* x, int64_t m,
-               const float* norm_w);
-  void attention(int layer, const float* q, int64_t m, float* out);
-  void linear_impl(const Linear& w, const float* x, int64_t m, float* y, const float* norm_w);
+               const float* norm_w, const RowFn* pre = nullptr);
+  // pre(i): row i's q/k/v epilogue, before any attention reads the cache it writes;
+  // distinct: no two rows share a slot
+  void attention(int layer, const float* q, int64_t m, float* out, const RowFn& pre, bool distinct);
+  void linear_impl(const Linear& w, const float* x, int64_t m, float* y, const float* norm_w,
+                   const RowFn* pre);
   const float* gather(const int32_t* perm, const float* x, int64_t m, int64_t k, const float* norm_w);
-  void attention_impl(int layer, const float* q, int64_t m, float* out);
+  void attention_impl(int layer, const float* q, int64_t m, float* out, const RowFn& pre,
+                      bool distinct);
   // [ctx, kv_heads, head_dim] of float or fp16 bits (cfg.kv_f16)
   char* k_cache(int64_t slot, int64_t layer) const;
   char* v_cache(int64_t slot, int64_t layer) const;
