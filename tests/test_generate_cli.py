@@ -168,7 +168,7 @@ def test_cli_run_and_info():
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Once upon a time") and len(r.stdout) > 30
     assert "tok/s" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "luthier.cli", "info"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "luthier", "info"], capture_output=True,  # __main__.py
                        text=True, timeout=120)
     assert r.returncode == 0 and "llama" in r.stdout and "Q4_1" in r.stdout
     assert "--bits source: keeps 210 of 210 block linears as stored (Q4_1)" in r.stdout
