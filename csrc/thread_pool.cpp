@@ -4,12 +4,6 @@
 
 #include <memory>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define LUTHIER_PAUSE() _mm_pause()
-#else
-#define LUTHIER_PAUSE() std::this_thread::yield()
-#endif
 
 namespace luthier {
 
@@ -40,7 +34,7 @@ void ThreadPool::worker_loop() {
   for (;;) {
     int spins = 0;
     while (generation_.load(std::memory_order_acquire) == seen && spins < 20000) {
-      if (spins < 2000) LUTHIER_PAUSE(); else std::this_thread::yield();
+      if (spins < 2000) spin_pause(); else std::this_thread::yield();
       ++spins;
     }
     if (generation_.load(std::memory_order_acquire) == seen) {
@@ -72,7 +66,7 @@ void ThreadPool::run(int64_t n_tasks, const std::function<void(int64_t)>& fn) {
   // spin briefly, then yield: on a loaded machine a descheduled worker must get the core
   for (int spins = 0; busy_.load(std::memory_order_acquire) != 0; ++spins) {
     if (spins < 2000) {
-      LUTHIER_PAUSE();
+      spin_pause();
     } else {
       std::this_thread::yield();
     }

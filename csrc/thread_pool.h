@@ -10,6 +10,15 @@
 
 namespace luthier {
 
+// One step of a spin-wait: the CPU's pause hint, or a yield where there is none
+inline void spin_pause() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
 class ThreadPool {
  public:
   explicit ThreadPool(int n_threads);

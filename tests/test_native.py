@@ -168,6 +168,28 @@ def test_attention_does_not_depend_on_the_batch():
         np.testing.assert_array_equal(together[s], alone[0], err_msg=f"row {s}")
 
 
+def test_attention_chunks_match_numpy_and_the_batch():
+    """Past 256 keys the attention runs in chunks merged per row (decoder.cpp): a 600-token
+    prompt (rows with 1, 2 and 3 chunks) matches the numpy oracle, and rows at 300 and 530
+    positions decode to the same bits together and alone."""
+    lm = load_model(None, QuantConfig(bits=16), n_threads=2, ctx=640, native=False)
+    ref = lm.model
+    nat = NativeModel(ref, ctx=640, n_threads=2)
+    ids = np.random.default_rng(5).integers(100, 5000, 600)
+    a = ref.forward(ids, ref.new_cache(640), 0)
+    b = nat.forward(ids, nat.new_cache(640), 0)
+    assert np.abs(a - b).max() < FLOAT_LOGIT_TOL * np.abs(a).max()
+    m = load_model(None, QuantConfig(bits=4, group_size=64), n_threads=2, ctx=640, n_seq=2).model
+    lens = [300, 530]
+    for s, n in enumerate(lens):
+        m.forward_batch(ids[:n], [s] * n, list(range(n)), [n - 1])
+    nxt = [int(ids[n]) for n in lens]
+    together = m.forward_batch(nxt, [0, 1], lens, [0, 1])
+    for s in range(2):
+        alone = m.forward_batch([nxt[s]], [s], [lens[s]], [0])
+        np.testing.assert_array_equal(together[s], alone[0], err_msg=f"row {s}")
+
+
 def test_copy_prefix_continues_like_the_source():
     lm = load_model(None, QuantConfig(bits=4, group_size=64), n_threads=2, ctx=32, n_seq=3)
     m = lm.model

@@ -152,7 +152,10 @@ def test_structured_output(server, client):
     chunks = list(client.chat.completions.create(model="default", messages=msgs, max_tokens=40, temperature=0,
                                                  response_format=rf, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
-    r = client.chat.completions.create(model="default", messages=msgs, max_tokens=100, temperature=0,
+    # json_object mode: the prompt must ask for JSON (as OpenAI requires), or the small model
+    # may fill a string until max_tokens
+    ask = [{"role": "user", "content": 'Reply with a JSON object with the keys "color" and "count".'}]
+    r = client.chat.completions.create(model="default", messages=ask, max_tokens=100, temperature=0,
                                        response_format={"type": "json_object"})
     assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
     assert isinstance(json.loads(r.choices[0].message.content), dict)

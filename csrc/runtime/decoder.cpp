@@ -4,14 +4,17 @@
 #include "vec_ops.h"
 #include "../dispatch.h"
 #include "../int8_gemm.h"
+#include "../thread_pool.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstring>
 #include <functional>
 #include <stdexcept>
 #include <string>
+#include <thread>
 
 #if defined(__linux__) || defined(__APPLE__)
 #include <sys/mman.h>
@@ -223,95 +226,150 @@ void Decoder::linears(const Linear* const* ws, float* const* ys, int count, cons
   prof_ns[1] += ns_since(t0);
 }
 
-void Decoder::attention(int li, const float* q, int64_t m, float* out, const RowFn& pre,
-                        bool distinct) {
+void Decoder::attention(int li, const float* q, int64_t m, const RowFn& pre) {
   const auto t0 = Clock::now();
-  attention_impl(li, q, m, out, pre, distinct);
+  attention_impl(li, q, m, pre);
   prof_ns[2] += ns_since(t0);
 }
 
-void Decoder::attention_impl(int li, const float* q, int64_t m, float* out, const RowFn& pre,
-                             bool distinct) {
+// Attention in chunks of keys (split-K, "flash decoding"): a task takes one row and
+// kAttnChunk of its keys, for every head (the query heads of a kv head together: they share
+// its keys and values), and leaves per head the chunk's max score, sum of exp and
+// exp-weighted value sum in parts_; attention_combine merges a row's chunks in order. One
+// row at 1500 positions is 6 tasks, where it was 9 single-head ones that each read their
+// kv head's cache again. Chunks start at fixed offsets of the row's own key range, so a
+// row's arithmetic never depends on its batch.
+void Decoder::attention_impl(int li, const float* q, int64_t m, const RowFn& pre) {
   const DecoderConfig& c = cfg;
-  const int64_t hd = c.head_dim, group = c.n_heads / c.n_kv_heads;
+  const int64_t hd = c.head_dim, group = c.n_heads / c.n_kv_heads, nkvh = c.n_kv_heads;
   const float scale = c.attn_scale;
   const int64_t window = layers[size_t(li)].sliding ? c.sliding_window : 0;
-  // a task takes `per` query heads of one row. With rows enough to keep the threads busy,
-  // all heads of the row: its keys and values [t][kv][hd] are then read as whole rows of
-  // the cache, once from memory (a task per kv head reads 1/kv of every row's cache lines,
-  // and the other kv heads' tasks fetch the same lines again), and they stay in L2 for the
-  // next heads (16 rows at 256 positions, SmolLM2: f32 cache 22-28 -> 17 ms per step, f16
-  // unchanged at ~12 ms). Fewer rows: all `group` heads of a kv head (they share its keys),
-  // else one head per task.
-  const int64_t nt = int64_t(n_threads);
-  const int64_t per = m >= 2 * nt ? c.n_heads : m * c.n_kv_heads >= 4 * nt ? group : 1;
-  const int64_t tasks_per_row = c.n_heads / per;
-  // pre(i) (row i's q/k/v epilogue and cache write) in row i's task when that task is the
-  // row's only one and no other row reads its slot; else all rows first
-  const bool fused = tasks_per_row == 1 && distinct && m > 1;
-  if (!fused) {
-    if (m > 1 && nt > 1) parallel_for(n_threads, m, pre);
-    else for (int64_t i = 0; i < m; ++i) pre(i);
+  // per row: its first key and key count; its chunks' first part (parts_ [.., heads, hd + 2])
+  att_begin_.resize(size_t(m));
+  att_chunk0_.resize(size_t(m) + 1);
+  att_tasks_.clear();
+  att_chunk0_[0] = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t p = pos_[size_t(i)];
+    const int64_t begin = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+    const int64_t chunks = (p + 1 - begin + kAttnChunk - 1) / kAttnChunk;
+    att_begin_[size_t(i)] = begin;
+    att_chunk0_[size_t(i) + 1] = att_chunk0_[size_t(i)] + chunks;
+    for (int64_t ch = 0; ch < chunks; ++ch) att_tasks_.push_back({int32_t(i), int32_t(ch)});
   }
-  // AVX-512 fp16 path (attention_avx512.cpp) when the kernels are avx512: the same per-head
-  // arithmetic whatever `per` is, so results do not depend on the batch
+  const int64_t part = hd + 2;  // per (chunk, head): max, sum, then the value sum [hd]
+  parts_.resize(size_t(att_chunk0_[size_t(m)] * c.n_heads * part));
 #if defined(LUTHIER_X86)
   static const bool avx512 = is_avx512_isa(active_isa());
 #else
   constexpr bool avx512 = false;
 #endif
+  // the AVX-512 fp16 path converts each key and value once for the group's heads
   const bool grouped = avx512 && c.kv_f16 && hd % 16 == 0 && hd <= 256;
+  const int64_t n_pre = m > 1 && n_threads > 1 ? m : 0;  // row epilogues as the job's first tasks
+  if (n_pre == 0)
+    for (int64_t i = 0; i < m; ++i) pre(i);
+  std::atomic<int64_t> pre_done{0};
+  const AttnTask* tasks = att_tasks_.data();  // the lambda runs on the workers too
   std::function<void(int64_t)> fn = [&](int64_t task) {
-    const int64_t i = task / tasks_per_row, h0 = (task % tasks_per_row) * per;
-    if (fused) pre(i);
+    if (task < n_pre) {
+      pre(task);
+      pre_done.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    // every row's K/V written before any row reads its slot (rows may share one): tasks
+    // are taken in order, so at most the other threads' last epilogues are still running
+    for (int spins = 0; pre_done.load(std::memory_order_acquire) < n_pre; ++spins) {
+      if (spins < 2000) spin_pause();
+      else std::this_thread::yield();  // the thread it waits for may have lost its core
+    }
+    const AttnTask& tk = tasks[task - n_pre];
+    const int64_t i = tk.row;
     const int64_t p = pos_[size_t(i)];
-    const char* K = k_cache(slots_[size_t(i)], li);  // [ctx, kv, hd] of row i's sequence
+    const int64_t t0 = att_begin_[size_t(i)] + int64_t(tk.chunk) * kAttnChunk;
+    const int64_t nk = std::min<int64_t>(kAttnChunk, p + 1 - t0);
+    const int64_t stride = nkvh * hd;  // cache [ctx, kv, hd]: key t at t * stride
+    const char* K = k_cache(slots_[size_t(i)], li);
     const char* V = v_cache(slots_[size_t(i)], li);
-    const int64_t begin = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
-    const int64_t nk = p + 1 - begin;
-    const int64_t stride = c.n_kv_heads * hd;  // cache [ctx, kv, hd]: key t at t * stride
-    // heads that share a kv head go together through the AVX-512 fp16 path (keys and
-    // values converted once for all of them); otherwise one head at a time
-    const int64_t gg = grouped ? std::min(per, group) : 1;
-    thread_local std::vector<float> sc;
-    sc.resize(size_t(gg * nk));  // [gg][nk]
-    for (int64_t h = h0; h < h0 + per; h += gg) {
-      const float* qv = q + (i * c.n_heads + h) * hd;  // [m, heads, hd]: heads h..h+gg-1
-      const size_t koff = size_t(begin * stride + (h / group) * hd);  // key `begin`, h's kv head
-      float* o = out + (i * c.n_heads + h) * hd;
+    thread_local std::vector<float> sc, o;
+    sc.resize(size_t(group * nk));  // [group][nk]
+    o.resize(size_t(group * hd));  // [group][hd]
+    // every kv head of the chunk in one task: the cache interleaves them ([t][kv][hd]), so
+    // the lines one head's pass brings in hold the next heads' keys, in this core's L2
+    for (int64_t kvh = 0; kvh < nkvh; ++kvh) {
+      const size_t koff = size_t(t0 * stride + kvh * hd);  // key t0, this kv head
+      const int64_t h0 = kvh * group;  // the kv head's query heads h0 .. h0 + group - 1
+      const float* qv = q + (i * c.n_heads + h0) * hd;  // [m, heads, hd]
+      // parts_ [chunk of row i][heads][hd + 2]
+      float* pt = parts_.data() + ((att_chunk0_[size_t(i)] + tk.chunk) * c.n_heads + h0) * part;
+      const int64_t gg = grouped ? group : 1;  // heads per kernel call
+      for (int64_t j0 = 0; j0 < group; j0 += gg) {
+        float* sj0 = sc.data() + j0 * nk;
 #if defined(LUTHIER_X86)
-      if (grouped)
-        scores_group_f16_avx512(qv, int(gg), reinterpret_cast<const uint16_t*>(K) + koff, stride, nk,
-                                hd, scale, sc.data(), nk);
-      else
+        if (grouped)
+          scores_group_f16_avx512(qv, int(gg), reinterpret_cast<const uint16_t*>(K) + koff, stride, nk,
+                                  hd, scale, sj0, nk);
+        else
 #endif
-      if (c.kv_f16)
-        scores_f16(qv, reinterpret_cast<const uint16_t*>(K) + koff, stride, nk, hd, scale, sc.data());
-      else
-        scores(qv, reinterpret_cast<const float*>(K) + koff, stride, nk, hd, scale, sc.data());
-      for (int64_t j = 0; j < gg; ++j) {  // softmax of each head's scores
+        if (c.kv_f16)
+          scores_f16(qv + j0 * hd, reinterpret_cast<const uint16_t*>(K) + koff, stride, nk, hd, scale, sj0);
+        else
+          scores(qv + j0 * hd, reinterpret_cast<const float*>(K) + koff, stride, nk, hd, scale, sj0);
+      }
+      for (int64_t j = 0; j < group; ++j) {  // exp of each head's scores, shifted by their max
         float* sj = sc.data() + j * nk;
         float mx = -INFINITY;
         for (int64_t t = 0; t < nk; ++t) {
           if (c.attn_softcap > 0.f) sj[t] = c.attn_softcap * std::tanh(sj[t] / c.attn_softcap);
           mx = std::max(mx, sj[t]);
         }
-        const float inv = 1.f / exp_shift_sum(sj, nk, mx);
-        for (int64_t t = 0; t < nk; ++t) sj[t] *= inv;
+        pt[j * part] = mx;
+        pt[j * part + 1] = exp_shift_sum(sj, nk, mx);
       }
+      // exp-weighted value sums [group][hd], then into the parts (stride hd + 2)
+      for (int64_t j0 = 0; j0 < group; j0 += gg) {
 #if defined(LUTHIER_X86)
-      if (grouped)
-        wsum_group_f16_avx512(sc.data(), nk, int(gg), reinterpret_cast<const uint16_t*>(V) + koff,
-                              stride, nk, hd, o);
-      else
+        if (grouped) {
+          wsum_group_f16_avx512(sc.data(), nk, int(gg), reinterpret_cast<const uint16_t*>(V) + koff,
+                                stride, nk, hd, o.data());
+          continue;
+        }
 #endif
-      if (c.kv_f16)
-        weighted_sum_f16(sc.data(), reinterpret_cast<const uint16_t*>(V) + koff, stride, nk, hd, o);
-      else
-        weighted_sum(sc.data(), reinterpret_cast<const float*>(V) + koff, stride, nk, hd, o);
+        if (c.kv_f16)
+          weighted_sum_f16(sc.data() + j0 * nk, reinterpret_cast<const uint16_t*>(V) + koff, stride, nk, hd,
+                           o.data() + j0 * hd);
+        else
+          weighted_sum(sc.data() + j0 * nk, reinterpret_cast<const float*>(V) + koff, stride, nk, hd,
+                       o.data() + j0 * hd);
+      }
+      for (int64_t j = 0; j < group; ++j) std::memcpy(pt + j * part + 2, o.data() + j * hd, sizeof(float) * hd);
     }
   };
-  parallel_for(n_threads, m * tasks_per_row, fn);
+  parallel_for(n_threads, n_pre + int64_t(att_tasks_.size()), fn);
+}
+
+// Row i's attention output att [heads, hd] from its chunks in order:
+// out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c, M = max_c m_c
+void Decoder::attention_combine(int64_t i, float* att) const {
+  const DecoderConfig& c = cfg;
+  const int64_t hd = c.head_dim, part = hd + 2;
+  const int64_t c0 = att_chunk0_[size_t(i)], nc = att_chunk0_[size_t(i) + 1] - c0;
+  for (int64_t h = 0; h < c.n_heads; ++h) {
+    const float* p0 = parts_.data() + (c0 * c.n_heads + h) * part;  // chunk 0 of head h
+    float* out = att + (i * c.n_heads + h) * hd;  // [m, heads, hd]
+    float mx = -INFINITY;
+    for (int64_t ch = 0; ch < nc; ++ch) mx = std::max(mx, p0[ch * c.n_heads * part]);
+    float l = 0.f;
+    for (int64_t d = 0; d < hd; ++d) out[d] = 0.f;
+    for (int64_t ch = 0; ch < nc; ++ch) {
+      const float* pc = p0 + ch * c.n_heads * part;
+      const float w = std::exp(pc[0] - mx);  // 1 for the chunk holding the max
+      l += w * pc[1];
+      for (int64_t d = 0; d < hd; ++d) out[d] += w * pc[2 + d];
+    }
+    const float inv = 1.f / l;
+    for (int64_t d = 0; d < hd; ++d) out[d] *= inv;
+  }
 }
 
 void Decoder::forward(const int32_t* tokens, int64_t m, int64_t pos, float* logits,
@@ -335,7 +393,6 @@ void Decoder::forward_batch(const int32_t* tokens, const int32_t* slots, const i
   if (m <= 0) throw std::invalid_argument("forward needs at least one token");
   // validate every row before touching the cache: a bad call changes nothing
   std::vector<int64_t> next(size_t(c.n_seq), -1);  // next position each slot may take
-  bool distinct = true;  // no two rows share a slot: a row's attention reads only its own row
   for (int64_t i = 0; i < m; ++i) {
     if (tokens[i] < 0 || tokens[i] >= c.vocab) throw std::invalid_argument("token id out of range");
     const int64_t s = slots[i], p = positions[i];
@@ -344,7 +401,6 @@ void Decoder::forward_batch(const int32_t* tokens, const int32_t* slots, const i
       throw std::invalid_argument("context full: " + std::to_string(p + 1) + " tokens > ctx " +
                                   std::to_string(c.ctx));
     const int64_t want = next[size_t(s)];
-    distinct = distinct && want < 0;
     if (p < 0 || (want < 0 ? p > lengths_[size_t(s)] : p != want))
       throw std::invalid_argument("position past the cached tokens");
     next[size_t(s)] = p + 1;
@@ -375,10 +431,10 @@ void Decoder::forward_batch(const int32_t* tokens, const int32_t* slots, const i
       xr[j] = (embd_f32 ? embd_f32[t * d + j] : half_to_float(embd_f16[t * d + j])) * c.embed_scale;
   }
   // Per-row work between the pool jobs runs inside them (RowFn): the residual add before the
-  // next table build, the activation before the down projection's, and the q/k/v epilogue
-  // (bias, q/k norm, RoPE, cache write) in the attention tasks when each row has its own
-  // slot (decode batches), else as a job of its own. Single-threaded, these passes left the
-  // other thread idle (~1.9 of a ~25 ms 16-row SmolLM2 step).
+  // next table build, the activation before the down projection's, the merge of a row's
+  // attention chunks before the o projection's, and the q/k/v epilogue (bias, q/k norm,
+  // RoPE, cache write) as the attention job's first tasks. Single-threaded, these passes
+  // left the other thread idle (~1.9 of a ~25 ms 16-row SmolLM2 step).
   RowFn residual;  // the pending residual add (null before the first layer)
   for (int64_t li = 0; li < c.n_layers; ++li) {
     const LayerWeights& L = layers[size_t(li)];
@@ -421,8 +477,10 @@ void Decoder::forward_batch(const int32_t* tokens, const int32_t* slots, const i
         std::memcpy(vd, v, sizeof(float) * nkv);
       }
     };
-    attention(int(li), q_.data(), m, att_.data(), qkv_epilogue, distinct);
-    linear(L.o, att_.data(), m, o_.data(), nullptr);
+    attention(int(li), q_.data(), m, qkv_epilogue);
+    // row i's attention output from its chunks, before the o projection's tables
+    const RowFn combine = [&](int64_t i) { attention_combine(i, att_.data()); };
+    linear(L.o, att_.data(), m, o_.data(), nullptr, &combine);
     // x += post_attn_norm(o + bo), row by row, before the feed-forward's tables
     const RowFn attn_residual = [&](int64_t i) {
       float* o = o_.data() + i * d;  // row i of [m, d]

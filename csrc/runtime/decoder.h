@@ -98,14 +98,14 @@ class Decoder {
               const RowFn* pre = nullptr);
   void linears(const Linear* const* ws, float* const* ys, int count, const float* x, int64_t m,
                const float* norm_w, const RowFn* pre = nullptr);
-  // pre(i): row i's q/k/v epilogue, before any attention reads the cache it writes;
-  // distinct: no two rows share a slot
-  void attention(int layer, const float* q, int64_t m, float* out, const RowFn& pre, bool distinct);
+  // pre(i): row i's q/k/v epilogue, before any attention reads the cache it writes. The
+  // chunks' partial results go to parts_; attention_combine(i, att) merges row i's.
+  void attention(int layer, const float* q, int64_t m, const RowFn& pre);
+  void attention_combine(int64_t i, float* att) const;
   void linear_impl(const Linear& w, const float* x, int64_t m, float* y, const float* norm_w,
                    const RowFn* pre);
   const float* gather(const int32_t* perm, const float* x, int64_t m, int64_t k, const float* norm_w);
-  void attention_impl(int layer, const float* q, int64_t m, float* out, const RowFn& pre,
-                      bool distinct);
+  void attention_impl(int layer, const float* q, int64_t m, const RowFn& pre);
   // [ctx, kv_heads, head_dim] of float or fp16 bits (cfg.kv_f16)
   char* k_cache(int64_t slot, int64_t layer) const;
   char* v_cache(int64_t slot, int64_t layer) const;
@@ -117,6 +117,13 @@ class Decoder {
   // scratch, grown to the largest m seen: no allocation per decode step after the first
   std::vector<float> x_, h_, q_, k_, v_, att_, o_, g_, u_, sc_, xo_, xp_;
   std::vector<int32_t> slots_, pos_;  // per row of the current call
+  // attention tasks: row, chunk of kAttnChunk keys; per row its first key and its chunks'
+  // index in parts_ [chunks][heads][max, sum, value sum[head_dim]]
+  static constexpr int64_t kAttnChunk = 256;
+  struct AttnTask { int32_t row, chunk; };
+  std::vector<AttnTask> att_tasks_;
+  std::vector<int64_t> att_begin_, att_chunk0_;
+  std::vector<float> parts_;
   const float* rope_src_[2] = {nullptr, nullptr};  // inv_freq the tables below were made for
   std::vector<float> rope_cs_[2];
 };
