@@ -226,9 +226,9 @@ void Decoder::linears(const Linear* const* ws, float* const* ys, int count, cons
   prof_ns[1] += ns_since(t0);
 }
 
-void Decoder::attention(int li, const float* q, int64_t m, const RowFn& pre) {
+void Decoder::attention(int li, const float* q, int64_t m, const RowFn& pre, bool distinct) {
   const auto t0 = Clock::now();
-  attention_impl(li, q, m, pre);
+  attention_impl(li, q, m, pre, distinct);
   prof_ns[2] += ns_since(t0);
 }
 
@@ -239,7 +239,7 @@ void Decoder::attention(int li, const float* q, int64_t m, const RowFn& pre) {
 // row at 1500 positions is 6 tasks, where it was 9 single-head ones that each read their
 // kv head's cache again. Chunks start at fixed offsets of the row's own key range, so a
 // row's arithmetic never depends on its batch.
-void Decoder::attention_impl(int li, const float* q, int64_t m, const RowFn& pre) {
+void Decoder::attention_impl(int li, const float* q, int64_t m, const RowFn& pre, bool distinct) {
   const DecoderConfig& c = cfg;
   const int64_t hd = c.head_dim, group = c.n_heads / c.n_kv_heads, nkvh = c.n_kv_heads;
   const float scale = c.attn_scale;
@@ -266,24 +266,43 @@ void Decoder::attention_impl(int li, const float* q, int64_t m, const RowFn& pre
 #endif
   // the AVX-512 fp16 path converts each key and value once for the group's heads
   const bool grouped = avx512 && c.kv_f16 && hd % 16 == 0 && hd <= 256;
-  const int64_t n_pre = m > 1 && n_threads > 1 ? m : 0;  // row epilogues as the job's first tasks
-  if (n_pre == 0)
+  // The row epilogues (pre) come before any attention reads the cache they write. Rows with
+  // slots of their own (decode batches): row i's first chunk task runs pre(i), its other
+  // chunks wait for that row alone. Rows sharing a slot (prompt chunks): pre of every row
+  // as the job's first tasks, which the attention tasks wait for. One row: pre first.
+  const bool threaded = m > 1 && n_threads > 1;
+  const bool per_row = threaded && distinct;
+  const int64_t n_pre = threaded && !distinct ? m : 0;
+  if (!threaded)
     for (int64_t i = 0; i < m; ++i) pre(i);
+  att_ready_.assign(size_t(m), 0);
+  int* ready = att_ready_.data();  // [m]: row i's pre done (per_row), read with __atomic
   std::atomic<int64_t> pre_done{0};
   const AttnTask* tasks = att_tasks_.data();  // the lambda runs on the workers too
+  // spins until done() holds: tasks are taken in order, so what it waits for was taken
+  // before and is running on another thread
+  auto wait = [](auto done) {
+    for (int spins = 0; !done(); ++spins) {
+      if (spins < 2000) spin_pause();
+      else std::this_thread::yield();  // the thread it waits for may have lost its core
+    }
+  };
   std::function<void(int64_t)> fn = [&](int64_t task) {
     if (task < n_pre) {
       pre(task);
       pre_done.fetch_add(1, std::memory_order_release);
       return;
     }
-    // every row's K/V written before any row reads its slot (rows may share one): tasks
-    // are taken in order, so at most the other threads' last epilogues are still running
-    for (int spins = 0; pre_done.load(std::memory_order_acquire) < n_pre; ++spins) {
-      if (spins < 2000) spin_pause();
-      else std::this_thread::yield();  // the thread it waits for may have lost its core
-    }
+    wait([&] { return pre_done.load(std::memory_order_acquire) >= n_pre; });
     const AttnTask& tk = tasks[task - n_pre];
+    if (per_row) {
+      if (tk.chunk == 0) {
+        pre(tk.row);
+        __atomic_store_n(ready + tk.row, 1, __ATOMIC_RELEASE);
+      } else {
+        wait([&] { return __atomic_load_n(ready + tk.row, __ATOMIC_ACQUIRE) != 0; });
+      }
+    }
     const int64_t i = tk.row;
     const int64_t p = pos_[size_t(i)];
     const int64_t t0 = att_begin_[size_t(i)] + int64_t(tk.chunk) * kAttnChunk;
@@ -393,6 +412,7 @@ void Decoder::forward_batch(const int32_t* tokens, const int32_t* slots, const i
   if (m <= 0) throw std::invalid_argument("forward needs at least one token");
   // validate every row before touching the cache: a bad call changes nothing
   std::vector<int64_t> next(size_t(c.n_seq), -1);  // next position each slot may take
+  bool distinct = true;  // no two rows share a slot
   for (int64_t i = 0; i < m; ++i) {
     if (tokens[i] < 0 || tokens[i] >= c.vocab) throw std::invalid_argument("token id out of range");
     const int64_t s = slots[i], p = positions[i];
@@ -401,6 +421,7 @@ void Decoder::forward_batch(const int32_t* tokens, const int32_t* slots, const i
       throw std::invalid_argument("context full: " + std::to_string(p + 1) + " tokens > ctx " +
                                   std::to_string(c.ctx));
     const int64_t want = next[size_t(s)];
+    distinct = distinct && want < 0;
     if (p < 0 || (want < 0 ? p > lengths_[size_t(s)] : p != want))
       throw std::invalid_argument("position past the cached tokens");
     next[size_t(s)] = p + 1;
@@ -433,7 +454,7 @@ void Decoder::forward_batch(const int32_t* tokens, const int32_t* slots, const i
   // Per-row work between the pool jobs runs inside them (RowFn): the residual add before the
   // next table build, the activation before the down projection's, the merge of a row's
   // attention chunks before the o projection's, and the q/k/v epilogue (bias, q/k norm,
-  // RoPE, cache write) as the attention job's first tasks. Single-threaded, these passes
+  // RoPE, cache write) in the attention job. Single-threaded, these passes
   // left the other thread idle (~1.9 of a ~25 ms 16-row SmolLM2 step).
   RowFn residual;  // the pending residual add (null before the first layer)
   for (int64_t li = 0; li < c.n_layers; ++li) {
@@ -477,7 +498,7 @@ void Decoder::forward_batch(const int32_t* tokens, const int32_t* slots, const i
         std::memcpy(vd, v, sizeof(float) * nkv);
       }
     };
-    attention(int(li), q_.data(), m, qkv_epilogue);
+    attention(int(li), q_.data(), m, qkv_epilogue, distinct);
     // row i's attention output from its chunks, before the o projection's tables
     const RowFn combine = [&](int64_t i) { attention_combine(i, att_.data()); };
     linear(L.o, att_.data(), m, o_.data(), nullptr, &combine);

@@ -98,14 +98,15 @@ class Decoder {
               const RowFn* pre = nullptr);
   void linears(const Linear* const* ws, float* const* ys, int count, const float* x, int64_t m,
                const float* norm_w, const RowFn* pre = nullptr);
-  // pre(i): row i's q/k/v epilogue, before any attention reads the cache it writes. The
-  // chunks' partial results go to parts_; attention_combine(i, att) merges row i's.
-  void attention(int layer, const float* q, int64_t m, const RowFn& pre);
+  // pre(i): row i's q/k/v epilogue, before any attention reads the cache it writes;
+  // distinct: no two rows share a slot. The chunks' partial results go to parts_;
+  // attention_combine(i, att) merges row i's.
+  void attention(int layer, const float* q, int64_t m, const RowFn& pre, bool distinct);
   void attention_combine(int64_t i, float* att) const;
   void linear_impl(const Linear& w, const float* x, int64_t m, float* y, const float* norm_w,
                    const RowFn* pre);
   const float* gather(const int32_t* perm, const float* x, int64_t m, int64_t k, const float* norm_w);
-  void attention_impl(int layer, const float* q, int64_t m, const RowFn& pre);
+  void attention_impl(int layer, const float* q, int64_t m, const RowFn& pre, bool distinct);
   // [ctx, kv_heads, head_dim] of float or fp16 bits (cfg.kv_f16)
   char* k_cache(int64_t slot, int64_t layer) const;
   char* v_cache(int64_t slot, int64_t layer) const;
@@ -123,6 +124,7 @@ class Decoder {
   struct AttnTask { int32_t row, chunk; };
   std::vector<AttnTask> att_tasks_;
   std::vector<int64_t> att_begin_, att_chunk0_;
+  std::vector<int> att_ready_;  // per row: its q/k/v epilogue is done (atomic builtins)
   std::vector<float> parts_;
   const float* rope_src_[2] = {nullptr, nullptr};  // inv_freq the tables below were made for
   std::vector<float> rope_cs_[2];
