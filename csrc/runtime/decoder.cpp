@@ -255,7 +255,15 @@ void Decoder::attention_impl(int li, const float* q, int64_t m, const RowFn& pre
     const int64_t chunks = (p + 1 - begin + kAttnChunk - 1) / kAttnChunk;
     att_begin_[size_t(i)] = begin;
     att_chunk0_[size_t(i) + 1] = att_chunk0_[size_t(i)] + chunks;
-    for (int64_t ch = 0; ch < chunks; ++ch) att_tasks_.push_back({int32_t(i), int32_t(ch)});
+    for (int64_t ch = 0; ch < chunks; ++ch) att_tasks_.push_back({int32_t(i), int32_t(ch), 0, int32_t(nkvh)});
+  }
+  // too few (row, chunk) tasks to keep the threads busy (one row at a short context): one
+  // task per kv head instead (a head's arithmetic is the same either way)
+  if (int64_t(att_tasks_.size()) < 2 * n_threads && nkvh > 1) {
+    att_split_.clear();
+    for (const AttnTask& t : att_tasks_)
+      for (int32_t h = 0; h < int32_t(nkvh); ++h) att_split_.push_back({t.row, t.chunk, h, h + 1});
+    att_tasks_.swap(att_split_);
   }
   const int64_t part = hd + 2;  // per (chunk, head): max, sum, then the value sum [hd]
   parts_.resize(size_t(att_chunk0_[size_t(m)] * c.n_heads * part));
@@ -296,7 +304,7 @@ void Decoder::attention_impl(int li, const float* q, int64_t m, const RowFn& pre
     wait([&] { return pre_done.load(std::memory_order_acquire) >= n_pre; });
     const AttnTask& tk = tasks[task - n_pre];
     if (per_row) {
-      if (tk.chunk == 0) {
+      if (tk.chunk == 0 && tk.kv0 == 0) {  // the row's first task
         pre(tk.row);
         __atomic_store_n(ready + tk.row, 1, __ATOMIC_RELEASE);
       } else {
@@ -315,7 +323,7 @@ void Decoder::attention_impl(int li, const float* q, int64_t m, const RowFn& pre
     o.resize(size_t(group * hd));  // [group][hd]
     // every kv head of the chunk in one task: the cache interleaves them ([t][kv][hd]), so
     // the lines one head's pass brings in hold the next heads' keys, in this core's L2
-    for (int64_t kvh = 0; kvh < nkvh; ++kvh) {
+    for (int64_t kvh = tk.kv0; kvh < tk.kv1; ++kvh) {
       const size_t koff = size_t(t0 * stride + kvh * hd);  // key t0, this kv head
       const int64_t h0 = kvh * group;  // the kv head's query heads h0 .. h0 + group - 1
       const float* qv = q + (i * c.n_heads + h0) * hd;  // [m, heads, hd]

@@ -118,11 +118,11 @@ class Decoder {
   // scratch, grown to the largest m seen: no allocation per decode step after the first
   std::vector<float> x_, h_, q_, k_, v_, att_, o_, g_, u_, sc_, xo_, xp_;
   std::vector<int32_t> slots_, pos_;  // per row of the current call
-  // attention tasks: row, chunk of kAttnChunk keys; per row its first key and its chunks'
-  // index in parts_ [chunks][heads][max, sum, value sum[head_dim]]
+  // attention tasks: row, chunk of kAttnChunk keys, kv heads [kv0, kv1); per row its first
+  // key and its chunks' index in parts_ [chunks][heads][max, sum, value sum[head_dim]]
   static constexpr int64_t kAttnChunk = 256;
-  struct AttnTask { int32_t row, chunk; };
-  std::vector<AttnTask> att_tasks_;
+  struct AttnTask { int32_t row, chunk, kv0, kv1; };
+  std::vector<AttnTask> att_tasks_, att_split_;
   std::vector<int64_t> att_begin_, att_chunk0_;
   std::vector<int> att_ready_;  // per row: its q/k/v epilogue is done (atomic builtins)
   std::vector<float> parts_;
