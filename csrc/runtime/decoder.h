@@ -88,7 +88,9 @@ class Decoder {
   // dst's cache becomes the first n positions of src's (a shared prompt prefix fed once)
   void copy_prefix(int64_t src, int64_t dst, int64_t n);
   // nanoseconds spent, summed over calls: [0] whole forward, [1] linear layers (tables +
-  // LUT matmul), [2] attention, [3] the rest (norms, RoPE, activations, residuals)
+  // LUT matmul, and the per-row work run inside their table builds: residual adds, the
+  // gated activation, the merge of attention chunks), [2] attention (with the q/k/v bias,
+  // norm, RoPE and KV write), [3] the rest (embeddings, the last residual, copies)
   double prof_ns[4] = {0, 0, 0, 0};
   int64_t length(int64_t slot = 0) const { return lengths_.at(size_t(slot)); }
 
