@@ -4,7 +4,6 @@
 
 #include <memory>
 
-
 namespace luthier {
 
 ThreadPool::ThreadPool(int n_threads) {
@@ -63,14 +62,8 @@ void ThreadPool::run(int64_t n_tasks, const std::function<void(int64_t)>& fn) {
   }
   cv_.notify_all();
   work();
-  // spin briefly, then yield: on a loaded machine a descheduled worker must get the core
-  for (int spins = 0; busy_.load(std::memory_order_acquire) != 0; ++spins) {
-    if (spins < 2000) {
-      spin_pause();
-    } else {
-      std::this_thread::yield();
-    }
-  }
+  // on a loaded machine a descheduled worker must get the core back (spin_until yields)
+  spin_until([this] { return busy_.load(std::memory_order_acquire) == 0; });
 }
 
 ThreadPool& global_pool(int n_threads) {

@@ -19,6 +19,16 @@ inline void spin_pause() {
 #endif
 }
 
+// Waits until done() holds: spins briefly, then yields (on a loaded machine the thread it
+// waits for may have lost its core and must get it back)
+template <typename F>
+void spin_until(F done) {
+  for (int spins = 0; !done(); ++spins) {
+    if (spins < 2000) spin_pause();
+    else std::this_thread::yield();
+  }
+}
+
 class ThreadPool {
  public:
   explicit ThreadPool(int n_threads);

@@ -14,7 +14,6 @@
 #include <functional>
 #include <stdexcept>
 #include <string>
-#include <thread>
 
 #if defined(__linux__) || defined(__APPLE__)
 #include <sys/mman.h>
@@ -235,7 +234,8 @@ void Decoder::attention(int li, const float* q, int64_t m, const RowFn& pre, boo
 // Attention in chunks of keys (split-K, "flash decoding"): a task takes one row and
 // kAttnChunk of its keys, for every head (the query heads of a kv head together: they share
 // its keys and values), and leaves per head the chunk's max score, sum of exp and
-// exp-weighted value sum in parts_; attention_combine merges a row's chunks in order. One
+// exp-weighted value sum (att_stats_, att_vals_); attention_combine merges a row's chunks
+// in order. One
 // row at 1500 positions is 6 tasks, where it was 9 single-head ones that each read their
 // kv head's cache again. Chunks start at fixed offsets of the row's own key range, so a
 // row's arithmetic never depends on its batch.
@@ -244,29 +244,27 @@ void Decoder::attention_impl(int li, const float* q, int64_t m, const RowFn& pre
   const int64_t hd = c.head_dim, group = c.n_heads / c.n_kv_heads, nkvh = c.n_kv_heads;
   const float scale = c.attn_scale;
   const int64_t window = layers[size_t(li)].sliding ? c.sliding_window : 0;
-  // per row: its first key and key count; its chunks' first part (parts_ [.., heads, hd + 2])
+  // per row: its first key and its first chunk's index in att_stats_ / att_vals_
   att_begin_.resize(size_t(m));
   att_chunk0_.resize(size_t(m) + 1);
-  att_tasks_.clear();
   att_chunk0_[0] = 0;
   for (int64_t i = 0; i < m; ++i) {
     const int64_t p = pos_[size_t(i)];
     const int64_t begin = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
-    const int64_t chunks = (p + 1 - begin + kAttnChunk - 1) / kAttnChunk;
     att_begin_[size_t(i)] = begin;
-    att_chunk0_[size_t(i) + 1] = att_chunk0_[size_t(i)] + chunks;
-    for (int64_t ch = 0; ch < chunks; ++ch) att_tasks_.push_back({int32_t(i), int32_t(ch), 0, int32_t(nkvh)});
+    att_chunk0_[size_t(i) + 1] = att_chunk0_[size_t(i)] + (p + 1 - begin + kAttnChunk - 1) / kAttnChunk;
   }
-  // too few (row, chunk) tasks to keep the threads busy (one row at a short context): one
-  // task per kv head instead (a head's arithmetic is the same either way)
-  if (int64_t(att_tasks_.size()) < 2 * n_threads && nkvh > 1) {
-    att_split_.clear();
-    for (const AttnTask& t : att_tasks_)
-      for (int32_t h = 0; h < int32_t(nkvh); ++h) att_split_.push_back({t.row, t.chunk, h, h + 1});
-    att_tasks_.swap(att_split_);
-  }
-  const int64_t part = hd + 2;  // per (chunk, head): max, sum, then the value sum [hd]
-  parts_.resize(size_t(att_chunk0_[size_t(m)] * c.n_heads * part));
+  const int64_t n_chunks = att_chunk0_[size_t(m)];
+  // a task per (row, chunk) for all kv heads; with too few of them to keep the threads busy
+  // (one row at a short context), a task per kv head (a head's arithmetic is the same)
+  const int32_t kv_per = n_chunks < 2 * n_threads ? 1 : int32_t(nkvh);
+  att_tasks_.clear();
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t ch = 0; ch < att_chunk0_[size_t(i) + 1] - att_chunk0_[size_t(i)]; ++ch)
+      for (int32_t h = 0; h < int32_t(nkvh); h += kv_per)
+        att_tasks_.push_back({int32_t(i), int32_t(ch), h, h + kv_per});
+  att_stats_.resize(size_t(n_chunks * c.n_heads * 2));
+  att_vals_.resize(size_t(n_chunks * c.n_heads * hd));
 #if defined(LUTHIER_X86)
   static const bool avx512 = is_avx512_isa(active_isa());
 #else
@@ -287,28 +285,22 @@ void Decoder::attention_impl(int li, const float* q, int64_t m, const RowFn& pre
   int* ready = att_ready_.data();  // [m]: row i's pre done (per_row), read with __atomic
   std::atomic<int64_t> pre_done{0};
   const AttnTask* tasks = att_tasks_.data();  // the lambda runs on the workers too
-  // spins until done() holds: tasks are taken in order, so what it waits for was taken
-  // before and is running on another thread
-  auto wait = [](auto done) {
-    for (int spins = 0; !done(); ++spins) {
-      if (spins < 2000) spin_pause();
-      else std::this_thread::yield();  // the thread it waits for may have lost its core
-    }
-  };
+  // the waits below: tasks are taken in order, so what a task waits for was taken before it
+  // and is running on another thread
   std::function<void(int64_t)> fn = [&](int64_t task) {
     if (task < n_pre) {
       pre(task);
       pre_done.fetch_add(1, std::memory_order_release);
       return;
     }
-    wait([&] { return pre_done.load(std::memory_order_acquire) >= n_pre; });
+    spin_until([&] { return pre_done.load(std::memory_order_acquire) >= n_pre; });
     const AttnTask& tk = tasks[task - n_pre];
     if (per_row) {
       if (tk.chunk == 0 && tk.kv0 == 0) {  // the row's first task
         pre(tk.row);
         __atomic_store_n(ready + tk.row, 1, __ATOMIC_RELEASE);
       } else {
-        wait([&] { return __atomic_load_n(ready + tk.row, __ATOMIC_ACQUIRE) != 0; });
+        spin_until([&] { return __atomic_load_n(ready + tk.row, __ATOMIC_ACQUIRE) != 0; });
       }
     }
     const int64_t i = tk.row;
@@ -318,17 +310,19 @@ void Decoder::attention_impl(int li, const float* q, int64_t m, const RowFn& pre
     const int64_t stride = nkvh * hd;  // cache [ctx, kv, hd]: key t at t * stride
     const char* K = k_cache(slots_[size_t(i)], li);
     const char* V = v_cache(slots_[size_t(i)], li);
-    thread_local std::vector<float> sc, o;
+    thread_local std::vector<float> sc;
     sc.resize(size_t(group * nk));  // [group][nk]
-    o.resize(size_t(group * hd));  // [group][hd]
     // every kv head of the chunk in one task: the cache interleaves them ([t][kv][hd]), so
     // the lines one head's pass brings in hold the next heads' keys, in this core's L2
     for (int64_t kvh = tk.kv0; kvh < tk.kv1; ++kvh) {
       const size_t koff = size_t(t0 * stride + kvh * hd);  // key t0, this kv head
       const int64_t h0 = kvh * group;  // the kv head's query heads h0 .. h0 + group - 1
       const float* qv = q + (i * c.n_heads + h0) * hd;  // [m, heads, hd]
-      // parts_ [chunk of row i][heads][hd + 2]
-      float* pt = parts_.data() + ((att_chunk0_[size_t(i)] + tk.chunk) * c.n_heads + h0) * part;
+      // this chunk's heads h0.. in att_stats_ [chunks][heads][max, sum of exp] and
+      // att_vals_ [chunks][heads][hd] (the exp-weighted value sums)
+      const int64_t ph = (att_chunk0_[size_t(i)] + tk.chunk) * c.n_heads + h0;
+      float* st = att_stats_.data() + ph * 2;
+      float* ov = att_vals_.data() + ph * hd;
       const int64_t gg = grouped ? group : 1;  // heads per kernel call
       for (int64_t j0 = 0; j0 < group; j0 += gg) {
         float* sj0 = sc.data() + j0 * nk;
@@ -350,26 +344,23 @@ void Decoder::attention_impl(int li, const float* q, int64_t m, const RowFn& pre
           if (c.attn_softcap > 0.f) sj[t] = c.attn_softcap * std::tanh(sj[t] / c.attn_softcap);
           mx = std::max(mx, sj[t]);
         }
-        pt[j * part] = mx;
-        pt[j * part + 1] = exp_shift_sum(sj, nk, mx);
+        st[j * 2] = mx;
+        st[j * 2 + 1] = exp_shift_sum(sj, nk, mx);
       }
-      // exp-weighted value sums [group][hd], then into the parts (stride hd + 2)
-      for (int64_t j0 = 0; j0 < group; j0 += gg) {
+      for (int64_t j0 = 0; j0 < group; j0 += gg) {  // exp-weighted value sums [group][hd]
 #if defined(LUTHIER_X86)
-        if (grouped) {
+        if (grouped)
           wsum_group_f16_avx512(sc.data(), nk, int(gg), reinterpret_cast<const uint16_t*>(V) + koff,
-                                stride, nk, hd, o.data());
-          continue;
-        }
+                                stride, nk, hd, ov);
+        else
 #endif
         if (c.kv_f16)
           weighted_sum_f16(sc.data() + j0 * nk, reinterpret_cast<const uint16_t*>(V) + koff, stride, nk, hd,
-                           o.data() + j0 * hd);
+                           ov + j0 * hd);
         else
           weighted_sum(sc.data() + j0 * nk, reinterpret_cast<const float*>(V) + koff, stride, nk, hd,
-                       o.data() + j0 * hd);
+                       ov + j0 * hd);
       }
-      for (int64_t j = 0; j < group; ++j) std::memcpy(pt + j * part + 2, o.data() + j * hd, sizeof(float) * hd);
     }
   };
   parallel_for(n_threads, n_pre + int64_t(att_tasks_.size()), fn);
@@ -379,20 +370,20 @@ void Decoder::attention_impl(int li, const float* q, int64_t m, const RowFn& pre
 // out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c, M = max_c m_c
 void Decoder::attention_combine(int64_t i, float* att) const {
   const DecoderConfig& c = cfg;
-  const int64_t hd = c.head_dim, part = hd + 2;
+  const int64_t hd = c.head_dim, nh = c.n_heads;
   const int64_t c0 = att_chunk0_[size_t(i)], nc = att_chunk0_[size_t(i) + 1] - c0;
-  for (int64_t h = 0; h < c.n_heads; ++h) {
-    const float* p0 = parts_.data() + (c0 * c.n_heads + h) * part;  // chunk 0 of head h
-    float* out = att + (i * c.n_heads + h) * hd;  // [m, heads, hd]
+  for (int64_t h = 0; h < nh; ++h) {
+    const float* st = att_stats_.data() + (c0 * nh + h) * 2;  // chunk ch of head h: st[ch * nh * 2]
+    const float* ov = att_vals_.data() + (c0 * nh + h) * hd;  // and ov[ch * nh * hd]
+    float* out = att + (i * nh + h) * hd;  // [m, heads, hd]
     float mx = -INFINITY;
-    for (int64_t ch = 0; ch < nc; ++ch) mx = std::max(mx, p0[ch * c.n_heads * part]);
+    for (int64_t ch = 0; ch < nc; ++ch) mx = std::max(mx, st[ch * nh * 2]);
     float l = 0.f;
     for (int64_t d = 0; d < hd; ++d) out[d] = 0.f;
     for (int64_t ch = 0; ch < nc; ++ch) {
-      const float* pc = p0 + ch * c.n_heads * part;
-      const float w = std::exp(pc[0] - mx);  // 1 for the chunk holding the max
-      l += w * pc[1];
-      for (int64_t d = 0; d < hd; ++d) out[d] += w * pc[2 + d];
+      const float w = std::exp(st[ch * nh * 2] - mx);  // 1 for the chunk holding the max
+      l += w * st[ch * nh * 2 + 1];
+      for (int64_t d = 0; d < hd; ++d) out[d] += w * ov[ch * nh * hd + d];
     }
     const float inv = 1.f / l;
     for (int64_t d = 0; d < hd; ++d) out[d] *= inv;
@@ -462,8 +453,8 @@ void Decoder::forward_batch(const int32_t* tokens, const int32_t* slots, const i
   // Per-row work between the pool jobs runs inside them (RowFn): the residual add before the
   // next table build, the activation before the down projection's, the merge of a row's
   // attention chunks before the o projection's, and the q/k/v epilogue (bias, q/k norm,
-  // RoPE, cache write) in the attention job. Single-threaded, these passes
-  // left the other thread idle (~1.9 of a ~25 ms 16-row SmolLM2 step).
+  // RoPE, cache write) in the attention job. Single-threaded, these passes left the other
+  // thread idle (~1.9 of a ~25 ms 16-row SmolLM2 step).
   RowFn residual;  // the pending residual add (null before the first layer)
   for (int64_t li = 0; li < c.n_layers; ++li) {
     const LayerWeights& L = layers[size_t(li)];

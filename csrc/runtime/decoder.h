@@ -101,8 +101,8 @@ class Decoder {
   void linears(const Linear* const* ws, float* const* ys, int count, const float* x, int64_t m,
                const float* norm_w, const RowFn* pre = nullptr);
   // pre(i): row i's q/k/v epilogue, before any attention reads the cache it writes;
-  // distinct: no two rows share a slot. The chunks' partial results go to parts_;
-  // attention_combine(i, att) merges row i's.
+  // distinct: no two rows share a slot. The chunks' partial results go to att_stats_ and
+  // att_vals_; attention_combine(i, att) merges row i's.
   void attention(int layer, const float* q, int64_t m, const RowFn& pre, bool distinct);
   void attention_combine(int64_t i, float* att) const;
   void linear_impl(const Linear& w, const float* x, int64_t m, float* y, const float* norm_w,
@@ -121,13 +121,14 @@ class Decoder {
   std::vector<float> x_, h_, q_, k_, v_, att_, o_, g_, u_, sc_, xo_, xp_;
   std::vector<int32_t> slots_, pos_;  // per row of the current call
   // attention tasks: row, chunk of kAttnChunk keys, kv heads [kv0, kv1); per row its first
-  // key and its chunks' index in parts_ [chunks][heads][max, sum, value sum[head_dim]]
+  // key and its first chunk's index in att_stats_ [chunks][heads][max score, sum of exp]
+  // and att_vals_ [chunks][heads][head_dim] (exp-weighted value sums)
   static constexpr int64_t kAttnChunk = 256;
   struct AttnTask { int32_t row, chunk, kv0, kv1; };
-  std::vector<AttnTask> att_tasks_, att_split_;
+  std::vector<AttnTask> att_tasks_;
   std::vector<int64_t> att_begin_, att_chunk0_;
   std::vector<int> att_ready_;  // per row: its q/k/v epilogue is done (atomic builtins)
-  std::vector<float> parts_;
+  std::vector<float> att_stats_, att_vals_;
   const float* rope_src_[2] = {nullptr, nullptr};  // inv_freq the tables below were made for
   std::vector<float> rope_cs_[2];
 };
